@@ -1,1 +1,25 @@
-//! megasock library
+//! megasock: a thread-per-core WebSocket server that holds a million sockets on one box and
+//! fans messages out to them fast.
+//!
+//! The path of the data names the modules: a connection is accepted by a [`worker`] on its
+//! [`listener`], upgraded by the [`handshake`], framed by the [`codec`], routed by the
+//! [`room_index`] (and across cores by the [`bus`]), queued in an [`outbox`], and written.
+//! [`connection`] holds the per-connection state machine, [`timer_wheel`] its deadlines.
+
+pub mod admin;
+pub mod bus;
+pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod handshake;
+pub mod limits;
+pub mod listener;
+pub mod metrics;
+pub mod outbox;
+pub mod room_index;
+pub mod server;
+pub mod timer_wheel;
+pub mod worker;
+
+pub use config::{Config, ServeArgs};
+pub use server::Server;

@@ -1,1 +1,71 @@
-fn main() {}
+//! The `megasock` command: `serve` (the default) runs the server.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use megasock::{ServeArgs, Server};
+
+#[derive(Parser)]
+#[command(
+    name = "megasock",
+    version,
+    about = "A thread-per-core WebSocket server: /echo and /ws/{room} broadcast rooms",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default when no command is given).
+    Serve(ServeArgs),
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Some(Command::Serve(a)) => a,
+        None => cli.serve,
+    };
+    match serve(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("megasock: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let config = args.merge_config_file()?.resolve()?;
+    let server = Server::start(config)?;
+    let shared = server.shared().clone();
+    let mut signals =
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    std::thread::Builder::new()
+        .name("megasock-signals".into())
+        .spawn(move || {
+            let mut seen = 0;
+            for sig in signals.forever() {
+                seen += 1;
+                if seen == 1 {
+                    log::info!(
+                        "signal {sig}: draining (close 1001 to every client, up to {:?}); send again to exit now",
+                        shared.config.drain_timeout
+                    );
+                    shared.begin_shutdown();
+                } else {
+                    log::warn!("second signal: exiting without draining");
+                    std::process::exit(130);
+                }
+            }
+        })?;
+    server.join()?;
+    log::info!("drained; exiting");
+    Ok(())
+}

@@ -1,0 +1,349 @@
+//! The WebSocket frame codec: parse and check client frames, unmask them in place, validate
+//! text incrementally, and encode server frames once into shared buffers.
+//!
+//! This module knows RFC 6455 framing and nothing about sockets or connections. Parsing works on
+//! a byte slice and returns how far it got, so the caller decides what to keep: the connection
+//! layer keeps only a trailing partial frame. Header decoding and close-code classification come
+//! from tungstenite; the checks tungstenite leaves to its own state machine (mask, reserved bits,
+//! control-frame rules, sizes) are here.
+
+use std::io::Cursor;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
+use tungstenite::protocol::frame::FrameHeader;
+
+/// Longest possible frame header (2 + 8 length bytes + 4 mask bytes).
+pub const MAX_HEADER: usize = 14;
+
+/// A close code and the reason the server gives when it fails a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Violation {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+impl Violation {
+    pub const fn protocol(reason: &'static str) -> Violation {
+        Violation { code: 1002, reason }
+    }
+}
+
+pub const CLOSE_PROTOCOL: u16 = 1002;
+pub const CLOSE_INVALID_DATA: u16 = 1007;
+pub const CLOSE_POLICY: u16 = 1008;
+pub const CLOSE_TOO_BIG: u16 = 1009;
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_NORMAL: u16 = 1000;
+
+/// The kinds of frame a client may send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Text,
+    Binary,
+    Continuation,
+    Close,
+    Ping,
+    Pong,
+}
+
+impl Kind {
+    pub fn is_control(self) -> bool {
+        matches!(self, Kind::Close | Kind::Ping | Kind::Pong)
+    }
+}
+
+/// A parsed, checked client frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub kind: Kind,
+    pub fin: bool,
+    pub mask: [u8; 4],
+    /// Bytes of header (including the mask).
+    pub header_len: usize,
+    pub payload_len: usize,
+}
+
+/// Result of looking at the front of a byte buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// Not even the header is complete.
+    NeedMore,
+    /// A checked header; the payload may or may not be complete yet.
+    Frame(Header),
+}
+
+/// Parses and checks the header at the front of `buf`.
+///
+/// `max_payload` bounds data frames (the caller passes what is left of the message budget), so
+/// an oversized frame is refused as soon as its header arrives, before any payload is buffered.
+pub fn parse_header(buf: &[u8], max_payload: usize) -> Result<Parsed, Violation> {
+    let mut cur = Cursor::new(buf);
+    let (h, len) = match FrameHeader::parse(&mut cur) {
+        Ok(Some(v)) => v,
+        Ok(None) => return Ok(Parsed::NeedMore),
+        Err(_) => return Err(Violation::protocol("reserved opcode")),
+    };
+    if h.rsv1 || h.rsv2 || h.rsv3 {
+        return Err(Violation::protocol("reserved bits set"));
+    }
+    let Some(mask) = h.mask else {
+        return Err(Violation::protocol("client frames must be masked"));
+    };
+    let kind = match h.opcode {
+        OpCode::Data(Data::Text) => Kind::Text,
+        OpCode::Data(Data::Binary) => Kind::Binary,
+        OpCode::Data(Data::Continue) => Kind::Continuation,
+        OpCode::Control(Control::Close) => Kind::Close,
+        OpCode::Control(Control::Ping) => Kind::Ping,
+        OpCode::Control(Control::Pong) => Kind::Pong,
+        _ => return Err(Violation::protocol("reserved opcode")),
+    };
+    if kind.is_control() {
+        if !h.is_final {
+            return Err(Violation::protocol("fragmented control frame"));
+        }
+        if len > 125 {
+            return Err(Violation::protocol("control frame over 125 bytes"));
+        }
+    } else if len > max_payload as u64 {
+        return Err(Violation {
+            code: CLOSE_TOO_BIG,
+            reason: "message too big",
+        });
+    }
+    Ok(Parsed::Frame(Header {
+        kind,
+        fin: h.is_final,
+        mask,
+        header_len: cur.position() as usize,
+        payload_len: len as usize,
+    }))
+}
+
+/// XORs `buf` with the 4-byte client mask, eight bytes at a time.
+#[inline]
+pub fn unmask(buf: &mut [u8], m: [u8; 4]) {
+    let m8 = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
+    let mut chunks = buf.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let v = u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) ^ m8;
+        c.copy_from_slice(&v.to_ne_bytes());
+    }
+    // The remainder starts at a multiple of 8, so the mask phase is 0 again.
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= m[i & 3];
+    }
+}
+
+/// Checks text arriving in pieces: the whole of a message must be UTF-8, and an invalid byte is
+/// reported as soon as the piece holding it arrives. Only the position validated so far is kept.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Utf8Progress {
+    /// Bytes of the message known to end on a character boundary.
+    pub valid_up_to: usize,
+}
+
+impl Utf8Progress {
+    /// `message` is everything received so far; returns false on a definite error.
+    pub fn feed(&mut self, message: &[u8]) -> bool {
+        match simdutf8::compat::from_utf8(&message[self.valid_up_to..]) {
+            Ok(_) => {
+                self.valid_up_to = message.len();
+                true
+            }
+            Err(e) => match e.error_len() {
+                Some(_) => false,
+                None => {
+                    // An incomplete character at the end: fine unless it is the final piece.
+                    self.valid_up_to += e.valid_up_to();
+                    true
+                }
+            },
+        }
+    }
+
+    pub fn complete(&self, message: &[u8]) -> bool {
+        self.valid_up_to == message.len()
+    }
+}
+
+/// Checks a close frame's payload. Returns the code to echo (None for an empty payload).
+pub fn check_close_payload(payload: &[u8]) -> Result<Option<u16>, Violation> {
+    match payload.len() {
+        0 => Ok(None),
+        1 => Err(Violation::protocol("close payload of one byte")),
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if !CloseCode::from(code).is_allowed() {
+                return Err(Violation::protocol("invalid close code"));
+            }
+            if simdutf8::basic::from_utf8(&payload[2..]).is_err() {
+                return Err(Violation {
+                    code: CLOSE_INVALID_DATA,
+                    reason: "close reason is not UTF-8",
+                });
+            }
+            Ok(Some(code))
+        }
+    }
+}
+
+/// Server opcodes (server frames are never masked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutKind {
+    Text,
+    Binary,
+    Close,
+    Ping,
+    Pong,
+}
+
+impl OutKind {
+    fn opcode(self) -> OpCode {
+        match self {
+            OutKind::Text => OpCode::Data(Data::Text),
+            OutKind::Binary => OpCode::Data(Data::Binary),
+            OutKind::Close => OpCode::Control(Control::Close),
+            OutKind::Ping => OpCode::Control(Control::Ping),
+            OutKind::Pong => OpCode::Control(Control::Pong),
+        }
+    }
+}
+
+fn header_bytes(kind: OutKind, len: usize) -> ([u8; MAX_HEADER], usize) {
+    let header = FrameHeader {
+        is_final: true,
+        rsv1: false,
+        rsv2: false,
+        rsv3: false,
+        opcode: kind.opcode(),
+        mask: None,
+    };
+    let mut out = [0u8; MAX_HEADER];
+    let mut w: &mut [u8] = &mut out;
+    header
+        .format(len as u64, &mut w)
+        .expect("an unmasked header fits in 14 bytes");
+    let n = MAX_HEADER - w.len();
+    (out, n)
+}
+
+/// Encodes one unmasked frame into a shared buffer: built once, cloned (a refcount increment)
+/// into every recipient's outbox.
+pub fn encode(kind: OutKind, payload: &[u8]) -> Bytes {
+    let (hdr, n) = header_bytes(kind, payload.len());
+    let mut buf = BytesMut::with_capacity(n + payload.len());
+    buf.put_slice(&hdr[..n]);
+    buf.put_slice(payload);
+    buf.freeze()
+}
+
+/// Encodes a close frame with `code` and a short reason.
+pub fn encode_close(code: u16, reason: &str) -> Bytes {
+    let mut payload = [0u8; 125];
+    payload[..2].copy_from_slice(&code.to_be_bytes());
+    let r = &reason.as_bytes()[..reason.len().min(123)];
+    payload[2..2 + r.len()].copy_from_slice(r);
+    encode(OutKind::Close, &payload[..2 + r.len()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client_frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut v = vec![first];
+        let m = if mask.is_some() { 0x80 } else { 0 };
+        if payload.len() < 126 {
+            v.push(m | payload.len() as u8);
+        } else if payload.len() < 65536 {
+            v.push(m | 126);
+            v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        } else {
+            v.push(m | 127);
+            v.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+        }
+        if let Some(k) = mask {
+            v.extend_from_slice(&k);
+            v.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+        } else {
+            v.extend_from_slice(payload);
+        }
+        v
+    }
+
+    #[test]
+    fn parses_masked_text_and_unmasks() {
+        let key = [1, 2, 3, 4];
+        let mut f = client_frame(0x81, b"hello, world!", Some(key));
+        let Parsed::Frame(h) = parse_header(&f, 1000).unwrap() else {
+            panic!("complete header")
+        };
+        assert_eq!((h.kind, h.fin, h.header_len, h.payload_len), (Kind::Text, true, 6, 13));
+        let p = &mut f[h.header_len..];
+        unmask(p, h.mask);
+        assert_eq!(p, b"hello, world!");
+    }
+
+    #[test]
+    fn partial_header_needs_more() {
+        let f = client_frame(0x82, &[0u8; 300], Some([9, 9, 9, 9]));
+        for cut in 0..8 {
+            assert_eq!(parse_header(&f[..cut], 1000), Ok(Parsed::NeedMore), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn violations_have_the_right_codes() {
+        let unmasked = client_frame(0x81, b"x", None);
+        assert_eq!(parse_header(&unmasked, 10).unwrap_err().code, 1002);
+        let rsv = client_frame(0xC1, b"x", Some([0; 4]));
+        assert_eq!(parse_header(&rsv, 10).unwrap_err().code, 1002);
+        let bad_op = client_frame(0x83, b"x", Some([0; 4]));
+        assert_eq!(parse_header(&bad_op, 10).unwrap_err().code, 1002);
+        let frag_ping = client_frame(0x09, b"x", Some([0; 4]));
+        assert_eq!(parse_header(&frag_ping, 10).unwrap_err().code, 1002);
+        let big_ping = client_frame(0x89, &[0; 126], Some([0; 4]));
+        assert_eq!(parse_header(&big_ping, 1000).unwrap_err().code, 1002);
+        let big = client_frame(0x82, &[0; 11], Some([0; 4]));
+        assert_eq!(parse_header(&big, 10).unwrap_err().code, 1009);
+    }
+
+    #[test]
+    fn utf8_split_across_pieces() {
+        let euro = "€".as_bytes(); // 3 bytes
+        let mut msg = b"ab".to_vec();
+        let mut p = Utf8Progress::default();
+        msg.push(euro[0]);
+        assert!(p.feed(&msg));
+        assert!(!p.complete(&msg));
+        msg.extend_from_slice(&euro[1..]);
+        assert!(p.feed(&msg));
+        assert!(p.complete(&msg));
+        msg.push(0xff);
+        assert!(!p.feed(&msg), "invalid byte fails at once");
+    }
+
+    #[test]
+    fn close_payload_rules() {
+        assert_eq!(check_close_payload(b""), Ok(None));
+        assert_eq!(check_close_payload(&[3]).unwrap_err().code, 1002);
+        assert_eq!(check_close_payload(&1000u16.to_be_bytes()), Ok(Some(1000)));
+        assert_eq!(check_close_payload(&1005u16.to_be_bytes()).unwrap_err().code, 1002);
+        assert_eq!(check_close_payload(&999u16.to_be_bytes()).unwrap_err().code, 1002);
+        assert_eq!(check_close_payload(&4000u16.to_be_bytes()), Ok(Some(4000)));
+        let mut bad = 1000u16.to_be_bytes().to_vec();
+        bad.push(0xff);
+        assert_eq!(check_close_payload(&bad).unwrap_err().code, 1007);
+    }
+
+    #[test]
+    fn encodes_unmasked_frames() {
+        assert_eq!(&encode(OutKind::Text, b"hi")[..], &[0x81, 2, b'h', b'i']);
+        let big = encode(OutKind::Binary, &[7u8; 70000]);
+        assert_eq!(&big[..2], &[0x82, 127]);
+        assert_eq!(big.len(), 10 + 70000);
+        assert_eq!(&encode_close(1008, "slow")[..], &[0x88, 6, 0x03, 0xF0, b's', b'l', b'o', b'w']);
+    }
+}

@@ -1,0 +1,415 @@
+//! Configuration: command-line flags, an optional TOML file, and the defaults.
+//!
+//! Every option exists once, in [`ServeArgs`], as an `Option` so that a flag that was not given
+//! can fall back to the TOML file and then to the default. [`ServeArgs::resolve`] turns the merged
+//! options into a [`Config`] with concrete values and checks them, so that the rest of the server
+//! never sees an unparsed or out-of-range value. Errors name the option and say what is accepted.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+
+/// What to do with a connection whose queued output passes `--max-backpressure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlowConsumerPolicy {
+    /// Send close 1008 and drop the connection after a short bounded wait.
+    Close,
+    /// Keep the connection and drop the messages that do not fit, counting each.
+    Drop,
+}
+
+/// Options of `megasock serve`; also the keys of the TOML file (same names, kebab-case).
+#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ServeArgs {
+    /// TOML file with any of these options (same names); flags given on the command line win.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on; repeat for several. [default: 0.0.0.0:8080]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<SocketAddr>,
+
+    /// Worker threads, each with its own event loop and SO_REUSEPORT listener.
+    /// [default: one per available core]
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+
+    /// Pin worker i to core i (core_affinity). [default: off]
+    #[arg(long)]
+    #[serde(default)]
+    pub pin: bool,
+
+    /// Listen backlog passed to listen(2); the kernel caps it at net.core.somaxconn.
+    /// [default: 4096]
+    #[arg(long, value_name = "N")]
+    pub backlog: Option<u32>,
+
+    /// Open connections across all workers; past it new clients get HTTP 503.
+    /// [default: RLIMIT_NOFILE (raised to the hard limit) minus a reserve]
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Largest message a client may send (after reassembly), in bytes (KiB/MiB suffixes
+    /// accepted); a bigger one is closed with 1009. [default: 64KiB]
+    #[arg(long, value_name = "SIZE")]
+    pub max_message_size: Option<ByteSize>,
+
+    /// Output queued for one connection beyond what the kernel took, in bytes; past it the
+    /// slow-consumer policy applies. [default: 1MiB]
+    #[arg(long, value_name = "SIZE")]
+    pub max_backpressure: Option<ByteSize>,
+
+    /// What to do with a connection over --max-backpressure: `close` sends 1008 and drops it,
+    /// `drop` drops the messages that do not fit. [default: close]
+    #[arg(long, value_name = "POLICY")]
+    pub slow_consumer: Option<SlowConsumerPolicy>,
+
+    /// Time a client has to complete the HTTP upgrade (e.g. 10s, 500ms). [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    pub handshake_timeout: Option<HumanDuration>,
+
+    /// The server pings a connection that has sent nothing for this long. [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    pub ping_interval: Option<HumanDuration>,
+
+    /// A connection that sends nothing (pongs count) for this long is closed with 1001.
+    /// [default: 75s]
+    #[arg(long, value_name = "DURATION")]
+    pub idle_timeout: Option<HumanDuration>,
+
+    /// After the server sends a close frame, how long it waits for the client's close before
+    /// dropping the socket. [default: 2s]
+    #[arg(long, value_name = "DURATION")]
+    pub close_timeout: Option<HumanDuration>,
+
+    /// On SIGINT/SIGTERM, how long to wait for clients to acknowledge close 1001 before exiting.
+    /// [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    pub drain_timeout: Option<HumanDuration>,
+
+    /// Capacity of each cross-core ring, in messages; a full ring pauses the publishers of the
+    /// sending worker (no message is lost). [default: 16384]
+    #[arg(long, value_name = "N")]
+    pub ring_capacity: Option<usize>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz). [default: off]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Once listening, write the bound addresses to this file (`ws=IP:PORT` lines, then
+    /// `metrics=IP:PORT`), for scripts that start the server on port 0. [default: none]
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
+}
+
+/// The resolved configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Vec<SocketAddr>,
+    pub workers: usize,
+    pub pin: bool,
+    pub backlog: u32,
+    /// `None` means "derive from RLIMIT_NOFILE at start".
+    pub max_connections: Option<usize>,
+    pub max_message_size: usize,
+    pub max_backpressure: usize,
+    pub slow_consumer: SlowConsumerPolicy,
+    pub handshake_timeout: Duration,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub close_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub ring_capacity: usize,
+    pub metrics_listen: Option<SocketAddr>,
+    pub ready_file: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        ServeArgs::default()
+            .resolve()
+            .expect("defaults are valid")
+    }
+}
+
+/// A configuration error: names the option and says what would be accepted.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(option: &str, msg: impl fmt::Display) -> ConfigError {
+    ConfigError(format!("invalid value for --{option}: {msg}"))
+}
+
+impl ServeArgs {
+    /// Reads `--config` (if given) and fills every option not given on the command line.
+    pub fn merge_config_file(mut self) -> Result<Self, ConfigError> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            ConfigError(format!(
+                "cannot read --config {}: {e} (check the path and permissions)",
+                path.display()
+            ))
+        })?;
+        let file: ServeArgs = toml::from_str(&text).map_err(|e| {
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("").to_string();
+            ConfigError(format!(
+                "invalid --config {}: {} (keys are the flag names, e.g. max-connections = 1000)",
+                path.display(),
+                if first.is_empty() { msg } else { msg.replace('\n', " ") }
+            ))
+        })?;
+        macro_rules! fill {
+            ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f; } )* };
+        }
+        fill!(
+            workers,
+            backlog,
+            max_connections,
+            max_message_size,
+            max_backpressure,
+            slow_consumer,
+            handshake_timeout,
+            ping_interval,
+            idle_timeout,
+            close_timeout,
+            drain_timeout,
+            ring_capacity,
+            metrics_listen,
+            ready_file
+        );
+        if self.listen.is_empty() {
+            self.listen = file.listen;
+        }
+        self.pin |= file.pin;
+        Ok(self)
+    }
+
+    /// Applies defaults and checks ranges.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let listen = if self.listen.is_empty() {
+            vec![SocketAddr::from(([0, 0, 0, 0], 8080))]
+        } else {
+            self.listen
+        };
+        let workers = match self.workers {
+            Some(0) => return Err(err("workers", "must be at least 1")),
+            Some(n) if n > 1024 => return Err(err("workers", "at most 1024 workers")),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let backlog = self.backlog.unwrap_or(4096);
+        if backlog == 0 || backlog > i32::MAX as u32 {
+            return Err(err("backlog", "must be between 1 and 2147483647"));
+        }
+        if self.max_connections == Some(0) {
+            return Err(err("max-connections", "must be at least 1"));
+        }
+        let max_message_size = self.max_message_size.map_or(64 * 1024, |b| b.0);
+        if max_message_size == 0 || max_message_size > 1 << 30 {
+            return Err(err("max-message-size", "must be between 1 byte and 1GiB"));
+        }
+        let max_backpressure = self.max_backpressure.map_or(1 << 20, |b| b.0);
+        if !(1024..=1 << 30).contains(&max_backpressure) {
+            return Err(err("max-backpressure", "must be between 1KiB and 1GiB"));
+        }
+        let handshake_timeout = positive("handshake-timeout", self.handshake_timeout, 10)?;
+        let ping_interval = positive("ping-interval", self.ping_interval, 30)?;
+        let idle_timeout = positive("idle-timeout", self.idle_timeout, 75)?;
+        let close_timeout = positive("close-timeout", self.close_timeout, 2)?;
+        let drain_timeout = self
+            .drain_timeout
+            .map_or(Duration::from_secs(10), |d| d.0);
+        let ring_capacity = self.ring_capacity.unwrap_or(16384);
+        if ring_capacity == 0 {
+            return Err(err("ring-capacity", "must be at least 1"));
+        }
+        Ok(Config {
+            listen,
+            workers,
+            pin: self.pin,
+            backlog,
+            max_connections: self.max_connections,
+            max_message_size,
+            max_backpressure,
+            slow_consumer: self.slow_consumer.unwrap_or(SlowConsumerPolicy::Close),
+            handshake_timeout,
+            ping_interval,
+            idle_timeout,
+            close_timeout,
+            drain_timeout,
+            ring_capacity,
+            metrics_listen: self.metrics_listen,
+            ready_file: self.ready_file,
+        })
+    }
+}
+
+fn positive(
+    option: &str,
+    value: Option<HumanDuration>,
+    default_secs: u64,
+) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(Duration::from_secs(default_secs)),
+        Some(d) if d.0.is_zero() => Err(err(option, "must be greater than zero")),
+        Some(d) => Ok(d.0),
+    }
+}
+
+/// A byte count written as `65536`, `64KiB`, `1MiB`, `1G` (binary multiples).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub usize);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size (try 65536, 64KiB or 1MiB)"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            _ => return Err(format!("`{s}` has an unknown unit (use B, KiB, MiB or GiB)")),
+        };
+        n.checked_mul(mult)
+            .and_then(|v| usize::try_from(v).ok())
+            .map(ByteSize)
+            .ok_or_else(|| format!("`{s}` is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n as usize)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A duration written as `10s`, `500ms`, `2m`, `1h`, or a plain number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl std::str::FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a duration (try 10s, 500ms or 2m)"))?;
+        let d = match unit.trim() {
+            "" | "s" => Duration::from_secs(n),
+            "ms" => Duration::from_millis(n),
+            "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            _ => return Err(format!("`{s}` has an unknown unit (use ms, s, m or h)")),
+        };
+        Ok(HumanDuration(d))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(HumanDuration(Duration::from_secs(n))),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!("64KiB".parse::<ByteSize>().unwrap().0, 65536);
+        assert_eq!("1MiB".parse::<ByteSize>().unwrap().0, 1 << 20);
+        assert_eq!("100".parse::<ByteSize>().unwrap().0, 100);
+        assert!("1 parsec".parse::<ByteSize>().is_err());
+        assert_eq!(
+            "500ms".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            "2m".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            "7".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(7)
+        );
+        assert!("7 fortnights".parse::<HumanDuration>().is_err());
+    }
+
+    #[test]
+    fn toml_fills_only_missing_flags() {
+        let dir = std::env::temp_dir().join(format!("megasock-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.toml");
+        std::fs::write(
+            &path,
+            "workers = 3\nmax-message-size = \"1MiB\"\nidle-timeout = 20\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            workers: Some(5),
+            ..Default::default()
+        };
+        let cfg = args.merge_config_file().unwrap().resolve().unwrap();
+        assert_eq!(cfg.workers, 5, "flag wins over file");
+        assert_eq!(cfg.max_message_size, 1 << 20);
+        assert_eq!(cfg.idle_timeout, Duration::from_secs(20));
+        assert_eq!(cfg.backlog, 4096);
+    }
+
+    #[test]
+    fn invalid_values_name_the_option() {
+        let e = ServeArgs {
+            workers: Some(0),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(e.to_string().contains("--workers"), "{e}");
+    }
+}

@@ -1,0 +1,263 @@
+//! The HTTP/1.1 upgrade: parse a request head, route it, and produce the 101 response or a
+//! clear HTTP error.
+//!
+//! Parsing is `httparse` on a stack array of headers and allocates nothing. The answers are a
+//! contract (tests and clients rely on them):
+//! - version other than 13 -> 426 with `Sec-WebSocket-Version: 13` and `Upgrade: websocket`;
+//! - malformed request, missing Host, HTTP/1.0, not an upgrade, bad key or room name -> 400;
+//! - method other than GET -> 405; unknown path -> 404; head over [`MAX_HEAD`] -> 431.
+//!
+//! Every error response carries `Connection: close`.
+
+use bytes::Bytes;
+use tungstenite::handshake::derive_accept_key;
+
+/// Largest request head accepted (request line + headers + blank line).
+pub const MAX_HEAD: usize = 8 * 1024;
+const MAX_HEADERS: usize = 64;
+
+/// Where an upgraded connection goes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route<'a> {
+    /// `/echo`: every message comes back to the sender.
+    Echo,
+    /// `/ws/{room}`: every message goes to every member of the room.
+    Room(&'a str),
+}
+
+/// Outcome of looking at the bytes received so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Upgrade<'a> {
+    /// The head is not complete yet (and is still under [`MAX_HEAD`]).
+    Incomplete,
+    /// Answer with this HTTP error and close.
+    Reject(Rejection),
+    /// Switch protocols: send `response`, then treat `buf[consumed..]` as frames.
+    Accept {
+        route: Route<'a>,
+        response: Bytes,
+        consumed: usize,
+    },
+}
+
+/// An HTTP error the handshake answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: u16,
+    pub reason: &'static str,
+}
+
+const fn reject(status: u16, reason: &'static str) -> Upgrade<'static> {
+    Upgrade::Reject(Rejection { status, reason })
+}
+
+/// Looks at the request bytes received so far.
+pub fn parse(buf: &[u8]) -> Upgrade<'_> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let consumed = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() > MAX_HEAD {
+                reject(431, "request head over 8 KiB")
+            } else {
+                Upgrade::Incomplete
+            };
+        }
+        Err(httparse::Error::TooManyHeaders) => return reject(431, "too many headers"),
+        Err(_) => return reject(400, "malformed HTTP request"),
+    };
+    if consumed > MAX_HEAD {
+        return reject(431, "request head over 8 KiB");
+    }
+    if req.version != Some(1) {
+        return reject(400, "HTTP/1.1 is required for a WebSocket upgrade");
+    }
+    let method = req.method.unwrap_or("");
+    let raw_path = req.path.unwrap_or("");
+    let path = raw_path.split('?').next().unwrap_or("");
+    let route = if path == "/echo" {
+        Route::Echo
+    } else if let Some(room) = path.strip_prefix("/ws/") {
+        if !valid_room(room) {
+            return reject(
+                400,
+                "room names are 1-128 bytes of A-Za-z0-9._:- and not . or ..",
+            );
+        }
+        Route::Room(room)
+    } else {
+        return reject(404, "unknown path; use /echo or /ws/{room}");
+    };
+    if method != "GET" {
+        return reject(405, "only GET can upgrade to WebSocket");
+    }
+
+    let mut host = false;
+    let mut upgrade = false;
+    let mut connection_upgrade = false;
+    let mut version: Option<&[u8]> = None;
+    let mut key: Option<&[u8]> = None;
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("host") {
+            host = true;
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade |= has_token(h.value, b"websocket");
+        } else if name.eq_ignore_ascii_case("connection") {
+            connection_upgrade |= has_token(h.value, b"upgrade");
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            version = Some(trim(h.value));
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            key = Some(trim(h.value));
+        }
+    }
+    if !host {
+        return reject(400, "missing Host header");
+    }
+    if !upgrade || !connection_upgrade {
+        return reject(
+            400,
+            "not a WebSocket upgrade (needs Upgrade: websocket and Connection: Upgrade)",
+        );
+    }
+    match version {
+        Some(b"13") => {}
+        Some(_) => return reject(426, "only WebSocket version 13 is supported"),
+        None => return reject(426, "missing Sec-WebSocket-Version (use 13)"),
+    }
+    let Some(key) = key.filter(|k| valid_key(k)) else {
+        return reject(400, "missing or malformed Sec-WebSocket-Key");
+    };
+    Upgrade::Accept {
+        route,
+        response: switching_protocols(key),
+        consumed,
+    }
+}
+
+/// `1-128 bytes of A-Za-z0-9._:-, not . or ..`, on the raw path (no percent-decoding).
+pub fn valid_room(room: &str) -> bool {
+    !room.is_empty()
+        && room.len() <= 128
+        && room != "."
+        && room != ".."
+        && room
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// The key is 16 random bytes in base64: 24 characters ending in `==`.
+fn valid_key(k: &[u8]) -> bool {
+    k.len() == 24
+        && k.ends_with(b"==")
+        && k[..22]
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    v.trim_ascii()
+}
+
+/// True if the comma-separated header value contains `token` (case-insensitive).
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| trim(t).eq_ignore_ascii_case(token))
+}
+
+fn switching_protocols(key: &[u8]) -> Bytes {
+    let accept = derive_accept_key(key);
+    let mut out = Vec::with_capacity(130);
+    out.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+    );
+    out.extend_from_slice(accept.as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+    Bytes::from(out)
+}
+
+/// The full HTTP error response for a rejection.
+pub fn error_response(r: Rejection) -> Bytes {
+    let title = match r.status {
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    let extra = match r.status {
+        426 => "Sec-WebSocket-Version: 13\r\nUpgrade: websocket\r\n",
+        405 => "Allow: GET\r\n",
+        503 => "Retry-After: 1\r\n",
+        _ => "",
+    };
+    let body = format!("{} {}: {}\n", r.status, title, r.reason);
+    Bytes::from(format!(
+        "HTTP/1.1 {} {}\r\n{}Connection: close\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n{}",
+        r.status,
+        title,
+        extra,
+        body.len(),
+        body
+    ))
+}
+
+/// The answer when the server is at `--max-connections`.
+pub fn over_capacity() -> Bytes {
+    error_response(Rejection {
+        status: 503,
+        reason: "server at its connection limit, retry later",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "GET /ws/lobby HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+    fn status(req: &str) -> u16 {
+        match parse(req.as_bytes()) {
+            Upgrade::Reject(r) => r.status,
+            Upgrade::Accept { .. } => 101,
+            Upgrade::Incomplete => 0,
+        }
+    }
+
+    #[test]
+    fn accepts_rfc_example_key() {
+        let Upgrade::Accept {
+            route,
+            response,
+            consumed,
+        } = parse(GOOD.as_bytes())
+        else {
+            panic!("should accept")
+        };
+        assert_eq!(route, Route::Room("lobby"));
+        assert_eq!(consumed, GOOD.len());
+        let text = std::str::from_utf8(&response).unwrap();
+        assert!(text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+    }
+
+    #[test]
+    fn errors() {
+        assert_eq!(status(&GOOD.replace("/ws/lobby", "/nope")), 404);
+        assert_eq!(status(&GOOD.replace("/ws/lobby", "/ws/..")), 400);
+        assert_eq!(status(&GOOD.replace("/ws/lobby", "/ws/a%20b")), 400);
+        assert_eq!(status(&GOOD.replace("/ws/lobby", "/ws/a/b")), 400);
+        assert_eq!(status(&GOOD.replace("HTTP/1.1", "HTTP/1.0")), 400);
+        assert_eq!(status(&GOOD.replace("Host: x\r\n", "")), 400);
+        assert_eq!(status(&GOOD.replace("Version: 13", "Version: 8")), 426);
+        assert_eq!(status(&GOOD.replace("Upgrade: websocket\r\n", "")), 400);
+        assert_eq!(status(&GOOD.replace("GET", "POST")), 405);
+        assert_eq!(status("GARBAGE\r\n\r\n"), 400);
+        assert_eq!(status("GET /echo HTTP/1.1\r\nHost: x\r\n"), 0);
+        let huge = format!("GET /echo HTTP/1.1\r\nX: {}\r\n", "a".repeat(9000));
+        assert_eq!(status(&huge), 431);
+    }
+}

@@ -1,0 +1,280 @@
+//! Counters every worker bumps, and their Prometheus text rendering.
+//!
+//! Each worker owns one cache-line-padded [`WorkerStats`] and is its only writer (relaxed atomic
+//! adds: no lock, no shared cache line on the hot path). The metrics endpoint sums them when it
+//! is scraped. Every disconnect and every dropped message is counted under a reason, so nothing
+//! leaves the server without a trace.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use crossbeam_utils::CachePadded;
+
+/// Why a connection ended. Each variant is one `reason` label of
+/// `megasock_disconnects_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disconnect {
+    /// The client sent a close frame and the close handshake completed.
+    ClientClose,
+    /// The client closed TCP (or reset it) without a close frame.
+    PeerGone,
+    /// A read or write failed with an I/O error.
+    IoError,
+    /// The client broke RFC 6455 (close 1002).
+    ProtocolError,
+    /// A text message or close reason was not UTF-8 (close 1007).
+    InvalidUtf8,
+    /// A message exceeded `--max-message-size` (close 1009).
+    MessageTooBig,
+    /// Queued output exceeded `--max-backpressure` (close 1008).
+    SlowConsumer,
+    /// Nothing received for `--idle-timeout` (close 1001).
+    IdleTimeout,
+    /// The upgrade did not complete within `--handshake-timeout`.
+    HandshakeTimeout,
+    /// The upgrade request was refused with an HTTP error status.
+    HttpRejected,
+    /// Over `--max-connections`: answered 503.
+    OverCapacity,
+    /// The server sent close and the client did not answer within `--close-timeout`.
+    CloseTimeout,
+    /// The server was shutting down (close 1001).
+    Shutdown,
+}
+
+impl Disconnect {
+    pub const ALL: [Disconnect; 13] = [
+        Disconnect::ClientClose,
+        Disconnect::PeerGone,
+        Disconnect::IoError,
+        Disconnect::ProtocolError,
+        Disconnect::InvalidUtf8,
+        Disconnect::MessageTooBig,
+        Disconnect::SlowConsumer,
+        Disconnect::IdleTimeout,
+        Disconnect::HandshakeTimeout,
+        Disconnect::HttpRejected,
+        Disconnect::OverCapacity,
+        Disconnect::CloseTimeout,
+        Disconnect::Shutdown,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Disconnect::ClientClose => "client_close",
+            Disconnect::PeerGone => "peer_gone",
+            Disconnect::IoError => "io_error",
+            Disconnect::ProtocolError => "protocol_error",
+            Disconnect::InvalidUtf8 => "invalid_utf8",
+            Disconnect::MessageTooBig => "message_too_big",
+            Disconnect::SlowConsumer => "slow_consumer",
+            Disconnect::IdleTimeout => "idle_timeout",
+            Disconnect::HandshakeTimeout => "handshake_timeout",
+            Disconnect::HttpRejected => "http_rejected",
+            Disconnect::OverCapacity => "over_capacity",
+            Disconnect::CloseTimeout => "close_timeout",
+            Disconnect::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Why a message was not delivered to one recipient (`megasock_messages_dropped_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// `--slow-consumer=drop`: the recipient's queue was over `--max-backpressure`.
+    SlowConsumer,
+    /// The recipient was already closing (slow consumer closed, protocol error, shutdown).
+    RecipientClosing,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 2] = [DropReason::SlowConsumer, DropReason::RecipientClosing];
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::SlowConsumer => "slow_consumer",
+            DropReason::RecipientClosing => "recipient_closing",
+        }
+    }
+}
+
+/// HTTP statuses the upgrade path answers with (`megasock_http_responses_total`).
+pub const HTTP_STATUSES: [u16; 7] = [400, 404, 405, 426, 431, 503, 101];
+
+fn status_index(status: u16) -> usize {
+    HTTP_STATUSES
+        .iter()
+        .position(|&s| s == status)
+        .unwrap_or(0)
+}
+
+/// One worker's counters. Written only by that worker.
+#[derive(Default)]
+pub struct WorkerStats {
+    pub connections: AtomicI64,
+    pub accepted: AtomicU64,
+    pub accept_errors: AtomicU64,
+    pub handshakes: AtomicU64,
+    pub messages_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    /// Frames handed to the kernel (one per recipient per message).
+    pub frames_out: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub write_syscalls: AtomicU64,
+    pub published: AtomicU64,
+    pub bus_sent: AtomicU64,
+    pub bus_received: AtomicU64,
+    /// Messages that found the destination ring full and waited in the sender's overflow.
+    pub bus_overflowed: AtomicU64,
+    /// Times this worker paused reading its publishers because a ring was full.
+    pub publisher_pauses: AtomicU64,
+    pub wakeups_sent: AtomicU64,
+    pub pings_sent: AtomicU64,
+    pub disconnects: [AtomicU64; Disconnect::ALL.len()],
+    pub dropped: [AtomicU64; DropReason::ALL.len()],
+    pub http: [AtomicU64; HTTP_STATUSES.len()],
+}
+
+impl WorkerStats {
+    #[inline]
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+    pub fn disconnect(&self, reason: Disconnect) {
+        self.disconnects[reason as usize].fetch_add(1, Relaxed);
+    }
+    pub fn drop_message(&self, reason: DropReason) {
+        self.dropped[reason as usize].fetch_add(1, Relaxed);
+    }
+    pub fn http_status(&self, status: u16) {
+        self.http[status_index(status)].fetch_add(1, Relaxed);
+    }
+}
+
+/// The counters of all workers.
+pub struct Metrics {
+    pub workers: Box<[CachePadded<WorkerStats>]>,
+}
+
+impl Metrics {
+    pub fn new(workers: usize) -> Metrics {
+        Metrics {
+            workers: (0..workers).map(|_| CachePadded::default()).collect(),
+        }
+    }
+
+    pub fn open_connections(&self) -> i64 {
+        self.workers
+            .iter()
+            .map(|w| w.connections.load(Relaxed))
+            .sum()
+    }
+
+    fn sum(&self, f: impl Fn(&WorkerStats) -> &AtomicU64) -> u64 {
+        self.workers.iter().map(|w| f(w).load(Relaxed)).sum()
+    }
+
+    /// Prometheus text exposition format, version 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP megasock_connections Open sockets (handshaking, open or closing).\n");
+        out.push_str("# TYPE megasock_connections gauge\n");
+        for (i, w) in self.workers.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "megasock_connections{{worker=\"{i}\"}} {}",
+                w.connections.load(Relaxed)
+            );
+        }
+        let counters: [(&str, &str, fn(&WorkerStats) -> &AtomicU64); 14] = [
+            ("accepted_total", "Sockets accepted.", |w| &w.accepted),
+            (
+                "accept_errors_total",
+                "accept(2) failures (EMFILE/ENFILE back off and retry).",
+                |w| &w.accept_errors,
+            ),
+            ("handshakes_total", "Completed WebSocket upgrades.", |w| {
+                &w.handshakes
+            }),
+            ("messages_received_total", "Messages received.", |w| {
+                &w.messages_in
+            }),
+            ("bytes_received_total", "Bytes read from sockets.", |w| {
+                &w.bytes_in
+            }),
+            (
+                "frames_sent_total",
+                "Frames queued for a recipient and written.",
+                |w| &w.frames_out,
+            ),
+            ("bytes_sent_total", "Bytes written to sockets.", |w| {
+                &w.bytes_out
+            }),
+            ("write_syscalls_total", "write/writev calls.", |w| {
+                &w.write_syscalls
+            }),
+            ("published_total", "Messages published to rooms.", |w| {
+                &w.published
+            }),
+            (
+                "bus_sent_total",
+                "Messages handed to other workers.",
+                |w| &w.bus_sent,
+            ),
+            (
+                "bus_overflowed_total",
+                "Messages held back because a cross-core ring was full.",
+                |w| &w.bus_overflowed,
+            ),
+            (
+                "publisher_pauses_total",
+                "Times reading from publishers paused on a full ring.",
+                |w| &w.publisher_pauses,
+            ),
+            (
+                "wakeups_total",
+                "Waker calls made to sleeping workers.",
+                |w| &w.wakeups_sent,
+            ),
+            ("pings_sent_total", "Pings sent to quiet connections.", |w| {
+                &w.pings_sent
+            }),
+        ];
+        for (name, help, f) in counters {
+            let _ = writeln!(out, "# HELP megasock_{name} {help}");
+            let _ = writeln!(out, "# TYPE megasock_{name} counter");
+            let _ = writeln!(out, "megasock_{name} {}", self.sum(f));
+        }
+        out.push_str("# HELP megasock_disconnects_total Connections ended, by reason.\n");
+        out.push_str("# TYPE megasock_disconnects_total counter\n");
+        for r in Disconnect::ALL {
+            let _ = writeln!(
+                out,
+                "megasock_disconnects_total{{reason=\"{}\"}} {}",
+                r.label(),
+                self.sum(|w| &w.disconnects[r as usize])
+            );
+        }
+        out.push_str(
+            "# HELP megasock_messages_dropped_total Deliveries not made, by reason.\n",
+        );
+        out.push_str("# TYPE megasock_messages_dropped_total counter\n");
+        for r in DropReason::ALL {
+            let _ = writeln!(
+                out,
+                "megasock_messages_dropped_total{{reason=\"{}\"}} {}",
+                r.label(),
+                self.sum(|w| &w.dropped[r as usize])
+            );
+        }
+        out.push_str("# HELP megasock_http_responses_total Upgrade responses, by status.\n");
+        out.push_str("# TYPE megasock_http_responses_total counter\n");
+        for (i, s) in HTTP_STATUSES.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "megasock_http_responses_total{{status=\"{s}\"}} {}",
+                self.sum(|w| &w.http[i])
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,175 @@
+//! A connection's output queue: shared, pre-encoded frames waiting to be written.
+//!
+//! Frames are `Bytes` (refcounted), so a broadcast queued for ten thousand connections is one
+//! buffer and ten thousand refcount increments. The queue is written with vectored writes, once
+//! per loop turn, and frees its storage when it empties: an idle connection owns no heap.
+//!
+//! Invariant: `queued` is the number of bytes not yet taken by the kernel, and the first frame
+//! may be partly written (`head_offset`). Frames are dropped only whole and never the partly
+//! written one, so the byte stream a client sees is always a sequence of complete frames.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+
+use bytes::Bytes;
+
+/// How many frames one `writev` takes at most (well under IOV_MAX = 1024).
+const MAX_IOV: usize = 64;
+
+#[derive(Default)]
+pub struct Outbox {
+    frames: VecDeque<Bytes>,
+    head_offset: u32,
+    queued: u32,
+}
+
+/// What a flush achieved.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flushed {
+    /// Everything was written.
+    All,
+    /// The kernel took part; wait for writable readiness.
+    Blocked,
+}
+
+impl Outbox {
+    /// Bytes waiting for the kernel.
+    #[inline]
+    pub fn queued(&self) -> usize {
+        self.queued as usize
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Queues a frame. The caller enforces the backpressure limit first.
+    #[inline]
+    pub fn push(&mut self, frame: Bytes) {
+        self.queued = self.queued.saturating_add(frame.len() as u32);
+        self.frames.push_back(frame);
+    }
+
+    /// Drops every frame not yet started (used before a slow consumer's close frame, so the
+    /// close reaches the client as soon as it reads again). Returns how many were dropped.
+    pub fn discard_unstarted(&mut self) -> usize {
+        let keep = usize::from(self.head_offset > 0).min(self.frames.len());
+        let dropped = self.frames.len() - keep;
+        self.frames.truncate(keep);
+        self.queued = self
+            .frames
+            .front()
+            .map_or(0, |f| (f.len() - self.head_offset as usize) as u32);
+        if self.frames.is_empty() {
+            self.release();
+        }
+        dropped
+    }
+
+    /// Writes as much as the kernel takes. `writes` and `bytes` count syscalls and bytes.
+    pub fn flush<W: Write>(&mut self, w: &mut W, writes: &mut u64, bytes: &mut u64) -> io::Result<Flushed> {
+        while !self.frames.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            for (i, f) in self.frames.iter().take(MAX_IOV).enumerate() {
+                let start = if i == 0 { self.head_offset as usize } else { 0 };
+                slices[i] = IoSlice::new(&f[start..]);
+                n += 1;
+            }
+            *writes += 1;
+            let written = match w.write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(k) => k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Blocked),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            *bytes += written as u64;
+            self.consume(written);
+        }
+        self.release();
+        Ok(Flushed::All)
+    }
+
+    fn consume(&mut self, mut written: usize) {
+        self.queued -= written as u32;
+        while written > 0 {
+            let front_left = self.frames[0].len() - self.head_offset as usize;
+            if written >= front_left {
+                written -= front_left;
+                self.frames.pop_front();
+                self.head_offset = 0;
+            } else {
+                self.head_offset += written as u32;
+                written = 0;
+            }
+        }
+    }
+
+    /// Frees the queue's storage so an idle connection holds no heap.
+    fn release(&mut self) {
+        if self.frames.capacity() > 0 {
+            self.frames = VecDeque::new();
+        }
+        self.head_offset = 0;
+        self.queued = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that takes at most `cap` bytes per call, then blocks.
+    struct Trickle {
+        out: Vec<u8>,
+        budget: usize,
+    }
+    impl Write for Trickle {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            if self.budget == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = b.len().min(self.budget).min(5);
+            self.budget -= n;
+            self.out.extend_from_slice(&b[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn partial_writes_keep_order_and_resume() {
+        let mut o = Outbox::default();
+        o.push(Bytes::from_static(b"hello "));
+        o.push(Bytes::from_static(b"wide "));
+        o.push(Bytes::from_static(b"world"));
+        let mut w = Trickle { out: vec![], budget: 8 };
+        let (mut s, mut b) = (0, 0);
+        assert_eq!(o.flush(&mut w, &mut s, &mut b).unwrap(), Flushed::Blocked);
+        assert_eq!(o.queued(), 16 - 8);
+        w.budget = 100;
+        assert_eq!(o.flush(&mut w, &mut s, &mut b).unwrap(), Flushed::All);
+        assert_eq!(w.out, b"hello wide world");
+        assert_eq!(o.queued(), 0);
+        assert_eq!(o.frames.capacity(), 0, "storage released when empty");
+    }
+
+    #[test]
+    fn discard_keeps_the_partly_written_frame() {
+        let mut o = Outbox::default();
+        o.push(Bytes::from_static(b"0123456789"));
+        o.push(Bytes::from_static(b"abc"));
+        let mut w = Trickle { out: vec![], budget: 4 };
+        let (mut s, mut b) = (0, 0);
+        o.flush(&mut w, &mut s, &mut b).unwrap();
+        assert_eq!(o.discard_unstarted(), 1);
+        assert_eq!(o.queued(), 6);
+        w.budget = 100;
+        o.flush(&mut w, &mut s, &mut b).unwrap();
+        assert_eq!(w.out, b"0123456789");
+    }
+}

@@ -1,0 +1,165 @@
+//! Starting and stopping the server: limits, listeners, workers, the admin endpoint, and the
+//! ready file that tells scripts which ports were bound.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::config::Config;
+use crate::limits;
+use crate::metrics::Metrics;
+use crate::room_index::RoomDirectory;
+use crate::worker::{self, Shared, Worker};
+
+/// A running server.
+pub struct Server {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<io::Result<()>>>,
+    addrs: Vec<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
+}
+
+impl Server {
+    /// Raises the fd limit, binds every listener, and starts the workers.
+    pub fn start(config: Config) -> io::Result<Server> {
+        let fd = limits::raise_nofile();
+        let workers = config.workers;
+        let auto_max = limits::default_max_connections(fd.soft, workers);
+        let max_connections = match config.max_connections {
+            Some(n) => n,
+            None => auto_max,
+        };
+        for w in limits::kernel_warnings(
+            Path::new("/"),
+            max_connections,
+            config.backlog,
+            fd,
+            workers,
+        ) {
+            log::warn!("{w}");
+        }
+
+        let (listeners, addrs) = crate::listener::bind_all(&config.listen, workers, config.backlog)?;
+        let (polls, wakeups) = worker::polls(workers)?;
+        let shared = Arc::new(Shared {
+            max_connections,
+            sockets: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            metrics: Metrics::new(workers),
+            rooms: RoomDirectory::new(workers),
+            wakeups,
+            config,
+        });
+        let metrics_addr = match shared.config.metrics_listen {
+            Some(a) => Some(crate::admin::spawn(a, shared.clone())?),
+            None => None,
+        };
+
+        let cores = if shared.config.pin {
+            core_affinity::get_core_ids().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        if shared.config.pin && cores.is_empty() {
+            log::warn!("--pin: cannot read this process's CPU set; workers are not pinned");
+        }
+        let buses = worker::buses(&shared);
+        let mut threads = Vec::with_capacity(workers);
+        for (id, ((poll, lst), bus)) in polls.into_iter().zip(listeners).zip(buses).enumerate() {
+            let w = Worker::new(id, poll, lst, bus, shared.clone())?;
+            let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+            let t = std::thread::Builder::new()
+                .name(format!("megasock-w{id}"))
+                .spawn(move || {
+                    if let Some(c) = core {
+                        if !core_affinity::set_for_current(c) {
+                            log::warn!("worker {id}: could not pin to core {}", c.id);
+                        }
+                    }
+                    w.run()
+                })?;
+            threads.push(t);
+        }
+
+        log::info!(
+            "megasock {} listening on {} | workers {}{} | max-connections {} | max-message-size {} B | \
+             max-backpressure {} B ({:?}) | handshake {:?} ping {:?} idle {:?} drain {:?} | \
+             RLIMIT_NOFILE {} (was {}, hard {}){}",
+            env!("CARGO_PKG_VERSION"),
+            addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
+            workers,
+            if cores.is_empty() { "" } else { " pinned" },
+            max_connections,
+            shared.config.max_message_size,
+            shared.config.max_backpressure,
+            shared.config.slow_consumer,
+            shared.config.handshake_timeout,
+            shared.config.ping_interval,
+            shared.config.idle_timeout,
+            shared.config.drain_timeout,
+            fd.soft,
+            fd.soft_before,
+            fd.hard,
+            metrics_addr.map_or(String::new(), |a| format!(" | metrics http://{a}/metrics")),
+        );
+        let server = Server {
+            shared,
+            threads,
+            addrs,
+            metrics_addr,
+        };
+        if let Some(path) = server.shared.config.ready_file.clone() {
+            server.write_ready_file(&path)?;
+        }
+        Ok(server)
+    }
+
+    fn write_ready_file(&self, path: &Path) -> io::Result<()> {
+        let mut text = String::new();
+        for a in &self.addrs {
+            text.push_str(&format!("ws={a}\n"));
+        }
+        if let Some(m) = self.metrics_addr {
+            text.push_str(&format!("metrics={m}\n"));
+        }
+        // Write then rename, so a reader never sees half a file.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// The WebSocket addresses actually bound (port 0 resolved).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Stops accepting, closes every connection with 1001 and lets the workers exit.
+    pub fn shutdown(&self) {
+        self.shared.begin_shutdown();
+    }
+
+    /// Shared state, for callers that watch the metrics.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Waits for every worker to finish.
+    pub fn join(self) -> io::Result<()> {
+        let mut result = Ok(());
+        for t in self.threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(io::Error::other("a worker panicked")),
+            }
+        }
+        result
+    }
+}
