@@ -180,8 +180,8 @@ set_option() { # name value
             [[ -n $2 ]] || usage_error "--root needs a directory"
             [[ -d $2 ]] || usage_error "--root: not a directory: $2"
             ROOT=${2%/}
-            [[ -n $ROOT ]] || ROOT=""
-            ROOT_GIVEN=1
+            # --root / is the live system: behave exactly as without --root (sysctl, root check).
+            if [[ -n $ROOT ]]; then ROOT_GIVEN=1; else ROOT_GIVEN=0; fi
             ;;
     esac
 }
