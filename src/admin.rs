@@ -13,7 +13,10 @@ use crate::worker::Shared;
 /// Binds the endpoint and serves it on a background thread. Returns the bound address.
 pub fn spawn(addr: SocketAddr, shared: Arc<Shared>) -> io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).map_err(|e| {
-        io::Error::new(e.kind(), format!("cannot listen on --metrics-listen {addr}: {e}"))
+        io::Error::new(
+            e.kind(),
+            format!("cannot listen on --metrics-listen {addr}: {e}"),
+        )
     })?;
     let bound = listener.local_addr()?;
     std::thread::Builder::new()

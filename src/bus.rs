@@ -73,9 +73,7 @@ pub struct CrossCoreBus {
 
 /// Builds the rings for `n` workers; `wakeups[i]` belongs to worker `i`.
 pub fn build(n: usize, capacity: usize, wakeups: Arc<[Arc<Wakeup>]>) -> Vec<CrossCoreBus> {
-    let (txs, rxs): (Vec<_>, Vec<_>) = (0..n)
-        .map(|_| crossbeam_channel::bounded(capacity))
-        .unzip();
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| crossbeam_channel::bounded(capacity)).unzip();
     rxs.into_iter()
         .enumerate()
         .map(|(me, inbound)| CrossCoreBus {
@@ -186,6 +184,8 @@ impl CrossCoreBus {
 
     /// Called after poll returns.
     pub fn awake(&self) {
-        self.wakeups[self.me].sleeping.store(false, Ordering::SeqCst);
+        self.wakeups[self.me]
+            .sleeping
+            .store(false, Ordering::SeqCst);
     }
 }

@@ -280,7 +280,10 @@ mod tests {
         let Parsed::Frame(h) = parse_header(&f, 1000).unwrap() else {
             panic!("complete header")
         };
-        assert_eq!((h.kind, h.fin, h.header_len, h.payload_len), (Kind::Text, true, 6, 13));
+        assert_eq!(
+            (h.kind, h.fin, h.header_len, h.payload_len),
+            (Kind::Text, true, 6, 13)
+        );
         let p = &mut f[h.header_len..];
         unmask(p, h.mask);
         assert_eq!(p, b"hello, world!");
@@ -290,7 +293,11 @@ mod tests {
     fn partial_header_needs_more() {
         let f = client_frame(0x82, &[0u8; 300], Some([9, 9, 9, 9]));
         for cut in 0..8 {
-            assert_eq!(parse_header(&f[..cut], 1000), Ok(Parsed::NeedMore), "cut {cut}");
+            assert_eq!(
+                parse_header(&f[..cut], 1000),
+                Ok(Parsed::NeedMore),
+                "cut {cut}"
+            );
         }
     }
 
@@ -330,8 +337,16 @@ mod tests {
         assert_eq!(check_close_payload(b""), Ok(None));
         assert_eq!(check_close_payload(&[3]).unwrap_err().code, 1002);
         assert_eq!(check_close_payload(&1000u16.to_be_bytes()), Ok(Some(1000)));
-        assert_eq!(check_close_payload(&1005u16.to_be_bytes()).unwrap_err().code, 1002);
-        assert_eq!(check_close_payload(&999u16.to_be_bytes()).unwrap_err().code, 1002);
+        assert_eq!(
+            check_close_payload(&1005u16.to_be_bytes())
+                .unwrap_err()
+                .code,
+            1002
+        );
+        assert_eq!(
+            check_close_payload(&999u16.to_be_bytes()).unwrap_err().code,
+            1002
+        );
         assert_eq!(check_close_payload(&4000u16.to_be_bytes()), Ok(Some(4000)));
         let mut bad = 1000u16.to_be_bytes().to_vec();
         bad.push(0xff);
@@ -344,6 +359,9 @@ mod tests {
         let big = encode(OutKind::Binary, &[7u8; 70000]);
         assert_eq!(&big[..2], &[0x82, 127]);
         assert_eq!(big.len(), 10 + 70000);
-        assert_eq!(&encode_close(1008, "slow")[..], &[0x88, 6, 0x03, 0xF0, b's', b'l', b'o', b'w']);
+        assert_eq!(
+            &encode_close(1008, "slow")[..],
+            &[0x88, 6, 0x03, 0xF0, b's', b'l', b'o', b'w']
+        );
     }
 }

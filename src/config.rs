@@ -133,9 +133,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        ServeArgs::default()
-            .resolve()
-            .expect("defaults are valid")
+        ServeArgs::default().resolve().expect("defaults are valid")
     }
 }
 
@@ -167,15 +165,16 @@ impl ServeArgs {
                 path.display()
             ))
         })?;
-        let file: ServeArgs = toml::from_str(&text).map_err(|e| {
-            let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or("").to_string();
-            ConfigError(format!(
+        let file: ServeArgs =
+            toml::from_str(&text).map_err(|e| {
+                let msg = e.to_string();
+                let first = msg.lines().next().unwrap_or("").to_string();
+                ConfigError(format!(
                 "invalid --config {}: {} (keys are the flag names, e.g. max-connections = 1000)",
                 path.display(),
                 if first.is_empty() { msg } else { msg.replace('\n', " ") }
             ))
-        })?;
+            })?;
         macro_rules! fill {
             ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f; } )* };
         }
@@ -234,9 +233,7 @@ impl ServeArgs {
         let ping_interval = positive("ping-interval", self.ping_interval, 30)?;
         let idle_timeout = positive("idle-timeout", self.idle_timeout, 75)?;
         let close_timeout = positive("close-timeout", self.close_timeout, 2)?;
-        let drain_timeout = self
-            .drain_timeout
-            .map_or(Duration::from_secs(10), |d| d.0);
+        let drain_timeout = self.drain_timeout.map_or(Duration::from_secs(10), |d| d.0);
         let ring_capacity = self.ring_capacity.unwrap_or(16384);
         if ring_capacity == 0 {
             return Err(err("ring-capacity", "must be at least 1"));
@@ -292,7 +289,11 @@ impl std::str::FromStr for ByteSize {
             "k" | "kb" | "kib" => 1 << 10,
             "m" | "mb" | "mib" => 1 << 20,
             "g" | "gb" | "gib" => 1 << 30,
-            _ => return Err(format!("`{s}` has an unknown unit (use B, KiB, MiB or GiB)")),
+            _ => {
+                return Err(format!(
+                    "`{s}` has an unknown unit (use B, KiB, MiB or GiB)"
+                ))
+            }
         };
         n.checked_mul(mult)
             .and_then(|v| usize::try_from(v).ok())

@@ -64,11 +64,31 @@ pub fn kernel_warnings(
         ));
     }
     let checks: [(&str, u64, &str); 5] = [
-        ("net.core.somaxconn", backlog as u64, "caps the listen backlog (--backlog)"),
-        ("net.ipv4.tcp_max_syn_backlog", backlog as u64, "caps half-open connections per listener"),
-        ("fs.file-max", max_connections as u64, "caps open files system-wide"),
-        ("fs.nr_open", max_connections as u64, "caps RLIMIT_NOFILE of any process"),
-        ("fs.epoll.max_user_watches", max_connections as u64, "caps sockets in epoll for this user"),
+        (
+            "net.core.somaxconn",
+            backlog as u64,
+            "caps the listen backlog (--backlog)",
+        ),
+        (
+            "net.ipv4.tcp_max_syn_backlog",
+            backlog as u64,
+            "caps half-open connections per listener",
+        ),
+        (
+            "fs.file-max",
+            max_connections as u64,
+            "caps open files system-wide",
+        ),
+        (
+            "fs.nr_open",
+            max_connections as u64,
+            "caps RLIMIT_NOFILE of any process",
+        ),
+        (
+            "fs.epoll.max_user_watches",
+            max_connections as u64,
+            "caps sockets in epoll for this user",
+        ),
     ];
     for (name, needed, what) in checks {
         if let Some(v) = read_sysctl(root, name) {
@@ -95,12 +115,18 @@ mod tests {
         std::fs::write(sys.join("net/ipv4/tcp_max_syn_backlog"), "8192\n").unwrap();
         std::fs::write(sys.join("fs/file-max"), "9223372036854775807\n").unwrap();
         std::fs::write(sys.join("fs/epoll/max_user_watches"), "1000\n").unwrap();
-        let fd = FdLimit { soft_before: 1024, soft: 1024, hard: 1024 };
+        let fd = FdLimit {
+            soft_before: 1024,
+            soft: 1024,
+            hard: 1024,
+        };
         let w = kernel_warnings(&root, 5000, 4096, fd, 2);
         assert_eq!(w.len(), 3, "{w:#?}");
         assert!(w[0].starts_with("RLIMIT_NOFILE is 1024"));
         assert!(w[1].starts_with("net.core.somaxconn is 128"));
         assert!(w[2].starts_with("fs.epoll.max_user_watches is 1000"));
-        assert!(w.iter().all(|m| m.contains("scripts/tune.sh apply --connections 5000")));
+        assert!(w
+            .iter()
+            .all(|m| m.contains("scripts/tune.sh apply --connections 5000")));
     }
 }

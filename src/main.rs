@@ -27,7 +27,20 @@ enum Command {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line that names the option; clap's full text adds a blank line and a hint.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!(
+                "megasock: {} (see --help)",
+                first.trim_start_matches("error: ")
+            );
+            return ExitCode::from(2);
+        }
+    };
     let args = match cli.command {
         Some(Command::Serve(a)) => a,
         None => cli.serve,
@@ -45,8 +58,10 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let config = args.merge_config_file()?.resolve()?;
     let server = Server::start(config)?;
     let shared = server.shared().clone();
-    let mut signals =
-        signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
     std::thread::Builder::new()
         .name("megasock-signals".into())
         .spawn(move || {

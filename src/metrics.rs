@@ -101,10 +101,7 @@ impl DropReason {
 pub const HTTP_STATUSES: [u16; 7] = [400, 404, 405, 426, 431, 503, 101];
 
 fn status_index(status: u16) -> usize {
-    HTTP_STATUSES
-        .iter()
-        .position(|&s| s == status)
-        .unwrap_or(0)
+    HTTP_STATUSES.iter().position(|&s| s == status).unwrap_or(0)
 }
 
 /// One worker's counters. Written only by that worker.
@@ -150,6 +147,9 @@ impl WorkerStats {
     }
 }
 
+/// Picks one counter out of a worker's stats.
+type Field = fn(&WorkerStats) -> &AtomicU64;
+
 /// The counters of all workers.
 pub struct Metrics {
     pub workers: Box<[CachePadded<WorkerStats>]>,
@@ -185,7 +185,7 @@ impl Metrics {
                 w.connections.load(Relaxed)
             );
         }
-        let counters: [(&str, &str, fn(&WorkerStats) -> &AtomicU64); 14] = [
+        let counters: [(&str, &str, Field); 14] = [
             ("accepted_total", "Sockets accepted.", |w| &w.accepted),
             (
                 "accept_errors_total",
@@ -215,11 +215,9 @@ impl Metrics {
             ("published_total", "Messages published to rooms.", |w| {
                 &w.published
             }),
-            (
-                "bus_sent_total",
-                "Messages handed to other workers.",
-                |w| &w.bus_sent,
-            ),
+            ("bus_sent_total", "Messages handed to other workers.", |w| {
+                &w.bus_sent
+            }),
             (
                 "bus_overflowed_total",
                 "Messages held back because a cross-core ring was full.",
@@ -235,9 +233,11 @@ impl Metrics {
                 "Waker calls made to sleeping workers.",
                 |w| &w.wakeups_sent,
             ),
-            ("pings_sent_total", "Pings sent to quiet connections.", |w| {
-                &w.pings_sent
-            }),
+            (
+                "pings_sent_total",
+                "Pings sent to quiet connections.",
+                |w| &w.pings_sent,
+            ),
         ];
         for (name, help, f) in counters {
             let _ = writeln!(out, "# HELP megasock_{name} {help}");
@@ -254,9 +254,7 @@ impl Metrics {
                 self.sum(|w| &w.disconnects[r as usize])
             );
         }
-        out.push_str(
-            "# HELP megasock_messages_dropped_total Deliveries not made, by reason.\n",
-        );
+        out.push_str("# HELP megasock_messages_dropped_total Deliveries not made, by reason.\n");
         out.push_str("# TYPE megasock_messages_dropped_total counter\n");
         for r in DropReason::ALL {
             let _ = writeln!(

@@ -68,7 +68,12 @@ impl Outbox {
     }
 
     /// Writes as much as the kernel takes. `writes` and `bytes` count syscalls and bytes.
-    pub fn flush<W: Write>(&mut self, w: &mut W, writes: &mut u64, bytes: &mut u64) -> io::Result<Flushed> {
+    pub fn flush<W: Write>(
+        &mut self,
+        w: &mut W,
+        writes: &mut u64,
+        bytes: &mut u64,
+    ) -> io::Result<Flushed> {
         while !self.frames.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             let mut n = 0;
@@ -147,7 +152,10 @@ mod tests {
         o.push(Bytes::from_static(b"hello "));
         o.push(Bytes::from_static(b"wide "));
         o.push(Bytes::from_static(b"world"));
-        let mut w = Trickle { out: vec![], budget: 8 };
+        let mut w = Trickle {
+            out: vec![],
+            budget: 8,
+        };
         let (mut s, mut b) = (0, 0);
         assert_eq!(o.flush(&mut w, &mut s, &mut b).unwrap(), Flushed::Blocked);
         assert_eq!(o.queued(), 16 - 8);
@@ -163,7 +171,10 @@ mod tests {
         let mut o = Outbox::default();
         o.push(Bytes::from_static(b"0123456789"));
         o.push(Bytes::from_static(b"abc"));
-        let mut w = Trickle { out: vec![], budget: 4 };
+        let mut w = Trickle {
+            out: vec![],
+            budget: 4,
+        };
         let (mut s, mut b) = (0, 0);
         o.flush(&mut w, &mut s, &mut b).unwrap();
         assert_eq!(o.discard_unstarted(), 1);

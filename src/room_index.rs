@@ -97,7 +97,11 @@ impl RoomDirectory {
 
     /// Rooms with members somewhere.
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).rooms.len()
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rooms
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -214,7 +218,14 @@ mod tests {
         shared.for_each_other_worker(0, |w| others.push(w));
         assert_eq!(others, vec![2]);
         assert_eq!(w0.leave(&dir, 0, a), Some((11, 0)), "11 moved into slot 0");
-        w0.leave(&dir, 0, Membership { room: b.room, position: 0 });
+        w0.leave(
+            &dir,
+            0,
+            Membership {
+                room: b.room,
+                position: 0,
+            },
+        );
         assert!(w0.is_empty());
         others.clear();
         shared.for_each_other_worker(2, |w| others.push(w));

@@ -32,17 +32,14 @@ impl Server {
             Some(n) => n,
             None => auto_max,
         };
-        for w in limits::kernel_warnings(
-            Path::new("/"),
-            max_connections,
-            config.backlog,
-            fd,
-            workers,
-        ) {
+        for w in
+            limits::kernel_warnings(Path::new("/"), max_connections, config.backlog, fd, workers)
+        {
             log::warn!("{w}");
         }
 
-        let (listeners, addrs) = crate::listener::bind_all(&config.listen, workers, config.backlog)?;
+        let (listeners, addrs) =
+            crate::listener::bind_all(&config.listen, workers, config.backlog)?;
         let (polls, wakeups) = worker::polls(workers)?;
         let shared = Arc::new(Shared {
             max_connections,

@@ -82,7 +82,11 @@ mod tests {
     use super::*;
 
     fn e(key: u32) -> Entry {
-        Entry { key, generation: 0, at: 0 }
+        Entry {
+            key,
+            generation: 0,
+            at: 0,
+        }
     }
 
     #[test]
@@ -107,7 +111,11 @@ mod tests {
         w.insert(9, e(2));
         let mut due = vec![];
         w.advance(10, &mut due);
-        assert_eq!(due, vec![e(1), e(2)], "slot 7 fires a revolution early: owner re-inserts");
+        assert_eq!(
+            due,
+            vec![e(1), e(2)],
+            "slot 7 fires a revolution early: owner re-inserts"
+        );
         due.clear();
         w.insert(20, e(3));
         w.advance(100_000, &mut due);

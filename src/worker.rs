@@ -73,8 +73,11 @@ impl Shared {
     }
 }
 
+/// Every worker's wake-up, indexed by worker id.
+pub type Wakeups = Arc<[Arc<Wakeup>]>;
+
 /// Creates the polls and wake-ups for `n` workers.
-pub fn polls(n: usize) -> io::Result<(Vec<Poll>, Arc<[Arc<Wakeup>]>)> {
+pub fn polls(n: usize) -> io::Result<(Vec<Poll>, Wakeups)> {
     let mut polls = Vec::with_capacity(n);
     let mut wakeups = Vec::with_capacity(n);
     for _ in 0..n {
@@ -191,9 +194,14 @@ impl Worker {
         loop {
             let timeout = self.poll_timeout();
             let sleeping = timeout != Some(Duration::ZERO) && self.bus.prepare_to_sleep();
-            let res = self
-                .poll
-                .poll(&mut events, if sleeping { timeout } else { Some(Duration::ZERO) });
+            let res = self.poll.poll(
+                &mut events,
+                if sleeping {
+                    timeout
+                } else {
+                    Some(Duration::ZERO)
+                },
+            );
             self.bus.awake();
             match res {
                 Ok(()) => {}
@@ -359,15 +367,12 @@ impl Worker {
         let conn = &mut self.conns[key as usize];
         if self.bus.is_backed_up() && conn.membership().is_some() && conn.state == State::Open {
             // A ring is full: publishers wait (edge-triggered, so remember them).
-            self.to_backlog(key);
+            self.defer_read(key);
             return;
         }
         let mut scratch = std::mem::take(&mut self.scratch);
         let mut reads = 0;
-        loop {
-            let Some(conn) = self.conns.get_mut(key as usize) else {
-                break;
-            };
+        while let Some(conn) = self.conns.get_mut(key as usize) {
             let n = match (&conn.stream).read(&mut scratch) {
                 Ok(0) => {
                     self.on_eof(key);
@@ -393,17 +398,16 @@ impl Worker {
                 break; // drained: the next byte brings a new edge
             }
             if reads >= READS_PER_TURN
-                || (self.bus.is_backed_up()
-                    && self.conns[key as usize].membership().is_some())
+                || (self.bus.is_backed_up() && self.conns[key as usize].membership().is_some())
             {
-                self.to_backlog(key);
+                self.defer_read(key);
                 break;
             }
         }
         self.scratch = scratch;
     }
 
-    fn to_backlog(&mut self, key: u32) {
+    fn defer_read(&mut self, key: u32) {
         let c = &mut self.conns[key as usize];
         if !c.has(flags::IN_BACKLOG) {
             c.set(flags::IN_BACKLOG);
@@ -496,9 +500,7 @@ impl Worker {
         };
         let membership = match route {
             Route::Echo => None,
-            Route::Room(name) => {
-                Some(self.rooms.join(&self.shared.rooms, self.id, name, key))
-            }
+            Route::Room(name) => Some(self.rooms.join(&self.shared.rooms, self.id, name, key)),
         };
         self.stats().http_status(101);
         WorkerStats::add(&self.stats().handshakes, 1);
@@ -551,7 +553,11 @@ impl Worker {
             codec::unmask(payload, header.mask);
             pos += total;
             if let Err(v) = self.on_frame(key, header.kind, header.fin, payload, inbound) {
-                if self.conns.get(key as usize).is_some_and(|c| c.state == State::Open) {
+                if self
+                    .conns
+                    .get(key as usize)
+                    .is_some_and(|c| c.state == State::Open)
+                {
                     self.violate(key, v);
                 } else {
                     self.drop_conn(key);
@@ -725,7 +731,10 @@ impl Worker {
             stats.drop_message(DropReason::RecipientClosing);
             return;
         }
-        if conn.outbox.queued() + frame.len() > max {
+        // One message bigger than the limit still goes out to a connection that has caught up
+        // (the limit bounds what piles up, and --max-message-size bounds a message).
+        let queued = conn.outbox.queued();
+        if queued > 0 && queued + frame.len() > max {
             stats.drop_message(DropReason::SlowConsumer);
             if policy == SlowConsumerPolicy::Close {
                 let dropped = conn.close_slow_consumer(now);
@@ -773,7 +782,9 @@ impl Worker {
         let stats = &self.shared.metrics.workers[self.id];
         let conn = &mut self.conns[key as usize];
         let (mut writes, mut bytes) = (0, 0);
-        let res = conn.outbox.flush(&mut &conn.stream, &mut writes, &mut bytes);
+        let res = conn
+            .outbox
+            .flush(&mut &conn.stream, &mut writes, &mut bytes);
         WorkerStats::add(&stats.write_syscalls, writes);
         WorkerStats::add(&stats.bytes_out, bytes);
         match res {

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: formatting, lints, unit and integration tests (against
+# the real binaries over loopback), the tuning kit's tests, and the Autobahn conformance run.
+#
+#   scripts/test.sh            everything
+#   SKIP_AUTOBAHN=1 scripts/test.sh   everything but the conformance run (quicker while iterating)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo build (debug binaries used by the integration tests)"
+cargo build --workspace --bins
+
+step "cargo test"
+cargo test --workspace
+
+step "tuning kit tests"
+tests/tune/run.sh
+
+if [ "${SKIP_AUTOBAHN:-0}" != 1 ]; then
+  step "Autobahn conformance (kosoku)"
+  scripts/autobahn.sh
+fi
+
+printf '\nscripts/test.sh: all steps passed\n'

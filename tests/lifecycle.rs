@@ -1,0 +1,345 @@
+//! Limits and lifecycle: timeouts, pings, connection limit, slow consumers, shutdown, leaks,
+//! and the command line.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[test]
+fn handshake_timeout_closes_silent_and_slow_clients() {
+    let srv = ServerProc::start(&["--workers", "1", "--handshake-timeout", "500ms"]);
+    let mut silent = TcpStream::connect(srv.ws).unwrap();
+    let mut partial = TcpStream::connect(srv.ws).unwrap();
+    partial
+        .write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let start = Instant::now();
+    for s in [&mut silent, &mut partial] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 16];
+        assert_eq!(
+            s.read(&mut b).unwrap_or(0),
+            0,
+            "expected the server to close"
+        );
+    }
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        srv.metric("megasock_disconnects_total{reason=\"handshake_timeout\"}"),
+        2
+    );
+    srv.wait_metric("megasock_connections", 5, |v| v == 0);
+}
+
+#[test]
+fn quiet_connections_are_pinged_and_idle_ones_closed() {
+    let srv = ServerProc::start(&[
+        "--workers",
+        "1",
+        "--ping-interval",
+        "300ms",
+        "--idle-timeout",
+        "1200ms",
+    ]);
+    let mut idle = Client::connect(srv.ws, "/echo");
+    let mut alive = Client::connect(srv.ws, "/echo");
+    // The live client answers every ping and stays open well past the idle timeout.
+    let live = std::thread::spawn(move || {
+        let until = Instant::now() + Duration::from_millis(2500);
+        let mut pings = 0;
+        alive.set_timeout(Duration::from_millis(100));
+        while Instant::now() < until {
+            if let Some(f) = alive.try_recv() {
+                assert_eq!(f.opcode, PING, "unexpected {f:?}");
+                pings += 1;
+                alive.send_frame(PONG, true, &f.payload);
+            }
+        }
+        assert!(pings >= 2, "got {pings} pings");
+        alive.set_timeout(Duration::from_secs(5));
+        alive.send_text("still open");
+        let mut f = alive.recv();
+        while f.opcode == PING {
+            f = alive.recv();
+        }
+        assert_eq!(f.payload, b"still open");
+    });
+    // The idle client ignores pings: ping first, then close 1001.
+    let f = idle.recv();
+    assert_eq!(f.opcode, PING);
+    let start = Instant::now();
+    assert_eq!(idle.expect_close(), Some(1001));
+    assert!(
+        start.elapsed() >= Duration::from_millis(500),
+        "closed too early"
+    );
+    idle.reply_close(1001);
+    idle.expect_eof();
+    live.join().unwrap();
+    assert_eq!(
+        srv.metric("megasock_disconnects_total{reason=\"idle_timeout\"}"),
+        1
+    );
+    assert!(srv.metric("megasock_pings_sent_total") >= 3);
+}
+
+#[test]
+fn over_max_connections_clients_get_503() {
+    let srv = ServerProc::start(&["--workers", "2", "--max-connections", "3"]);
+    let held: Vec<Client> = (0..3).map(|_| Client::connect(srv.ws, "/echo")).collect();
+    let resp = http_exchange(srv.ws, upgrade_request("/echo").as_bytes());
+    assert!(resp.starts_with("HTTP/1.1 503 "), "{resp}");
+    assert!(resp.contains("\r\nConnection: close\r\n"));
+    assert!(resp.contains("\r\nRetry-After: 1\r\n"));
+    assert_eq!(
+        srv.metric("megasock_disconnects_total{reason=\"over_capacity\"}"),
+        1
+    );
+    // Room again once a client leaves.
+    drop(held);
+    srv.wait_metric("megasock_connections", 10, |v| v == 0);
+    let mut c = Client::connect(srv.ws, "/echo");
+    c.send_text("back");
+    assert_eq!(c.recv().payload, b"back");
+}
+
+/// A member with a tiny receive buffer that never reads, in a room with a fast reader.
+fn slow_consumer_setup(srv: &ServerProc) -> (Client, Client, Client) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&srv.ws.into()).unwrap();
+    let slow = Client::from_stream(sock.into(), "/ws/flood");
+    let reader = Client::connect(srv.ws, "/ws/flood");
+    let publisher = Client::connect(srv.ws, "/ws/flood");
+    (slow, reader, publisher)
+}
+
+/// Publishes 1 KiB messages until `done` says stop; the reader and publisher drain as it goes.
+fn flood(
+    srv: &ServerProc,
+    reader: &mut Client,
+    publisher: &mut Client,
+    done: impl Fn(&ServerProc) -> bool,
+) -> usize {
+    let payload = vec![b'x'; 1024];
+    let mut sent = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done(srv) {
+        assert!(Instant::now() < deadline, "flood did not trip the limit");
+        // Small batches: the fast reader and the publisher must never fall 64 KiB behind.
+        for _ in 0..16 {
+            publisher.send_binary(&payload);
+            sent += 1;
+        }
+        for _ in 0..16 {
+            assert_eq!(reader.recv().payload.len(), 1024);
+            assert_eq!(publisher.recv().payload.len(), 1024);
+        }
+    }
+    sent
+}
+
+#[test]
+fn slow_consumer_is_closed_with_1008_and_others_keep_receiving() {
+    let srv = ServerProc::start(&[
+        "--workers",
+        "2",
+        "--max-backpressure",
+        "64KiB",
+        "--close-timeout",
+        "20s",
+    ]);
+    let (mut slow, mut reader, mut publisher) = slow_consumer_setup(&srv);
+    let sent = flood(&srv, &mut reader, &mut publisher, |s| {
+        s.metric("megasock_disconnects_total{reason=\"slow_consumer\"}") == 1
+    });
+    // The others go on receiving after the slow one was cut off.
+    for i in 0..50 {
+        publisher.send_text(&format!("after {i}"));
+        assert_eq!(reader.recv().payload, format!("after {i}").into_bytes());
+        assert_eq!(publisher.recv().payload, format!("after {i}").into_bytes());
+    }
+    // The slow client finds data it had not read, then close 1008.
+    let mut data = 0;
+    let code = loop {
+        let f = slow.recv();
+        if f.opcode == CLOSE {
+            break u16::from_be_bytes([f.payload[0], f.payload[1]]);
+        }
+        data += 1;
+    };
+    assert_eq!(code, 1008);
+    assert!(
+        data > 0 && data < sent,
+        "data frames before close: {data} of {sent}"
+    );
+    slow.reply_close(1008);
+    slow.expect_eof();
+    assert!(srv.metric("megasock_messages_dropped_total{reason=\"slow_consumer\"}") > 0);
+}
+
+#[test]
+fn slow_consumer_drop_policy_keeps_the_connection_and_counts_drops() {
+    let srv = ServerProc::start(&[
+        "--workers",
+        "1",
+        "--max-backpressure",
+        "64KiB",
+        "--slow-consumer",
+        "drop",
+    ]);
+    let (mut slow, mut reader, mut publisher) = slow_consumer_setup(&srv);
+    flood(&srv, &mut reader, &mut publisher, |s| {
+        s.metric("megasock_messages_dropped_total{reason=\"slow_consumer\"}") > 10
+    });
+    assert_eq!(
+        srv.metric("megasock_disconnects_total{reason=\"slow_consumer\"}"),
+        0
+    );
+    // Still open: drain what it has, then it receives new messages again.
+    slow.set_timeout(Duration::from_millis(300));
+    while slow.try_recv().is_some() {}
+    slow.set_timeout(Duration::from_secs(10));
+    publisher.send_text("you are back");
+    loop {
+        let f = slow.recv();
+        if f.payload == b"you are back" {
+            break;
+        }
+    }
+}
+
+#[test]
+fn sigterm_sends_1001_to_everyone_and_exits_zero() {
+    let mut srv = ServerProc::start(&["--workers", "2", "--drain-timeout", "5s"]);
+    let mut clients: Vec<Client> = (0..6)
+        .map(|i| Client::connect(srv.ws, if i % 2 == 0 { "/echo" } else { "/ws/room" }))
+        .collect();
+    // Queued output is flushed before the close.
+    clients[0].send_text("before shutdown");
+    assert_eq!(clients[0].recv().payload, b"before shutdown");
+    srv.signal(libc::SIGTERM);
+    for c in clients.iter_mut() {
+        assert_eq!(c.expect_close(), Some(1001));
+        c.reply_close(1001);
+    }
+    // New clients are refused once draining.
+    let status = srv.wait_exit(10);
+    assert!(status.success(), "exit status {status}");
+    assert!(TcpStream::connect(srv.ws).is_err());
+}
+
+#[test]
+fn shutdown_does_not_wait_past_drain_timeout_for_silent_clients() {
+    let mut srv = ServerProc::start(&["--workers", "1", "--drain-timeout", "1s"]);
+    let mut mute = Client::connect(srv.ws, "/echo");
+    srv.signal(libc::SIGINT);
+    assert_eq!(mute.expect_close(), Some(1001));
+    let start = Instant::now();
+    let status = srv.wait_exit(10);
+    assert!(status.success());
+    assert!(start.elapsed() < Duration::from_secs(4));
+}
+
+#[test]
+fn clients_killed_mid_frame_leave_nothing_behind() {
+    let srv = ServerProc::start(&["--workers", "2", "--max-message-size", "1MiB"]);
+    for i in 0..20 {
+        let mut c = Client::connect(srv.ws, if i % 2 == 0 { "/echo" } else { "/ws/r" });
+        match i % 4 {
+            0 => c
+                .send_raw(&Client::frame_bytes(0x82, &[1; 5000], true)[..3000])
+                .unwrap(),
+            1 => c.send_frame(TEXT, false, b"first fragment"),
+            2 => c.send_raw(&[0x81]).unwrap(),
+            _ => c
+                .send_raw(&Client::frame_bytes(0x82, &[1; 500_000], true)[..400_000])
+                .unwrap(),
+        }
+        if i % 3 == 0 {
+            // Abort with a reset instead of a FIN.
+            socket2::SockRef::from(&c.s)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        }
+        drop(c);
+    }
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(srv.ws).unwrap();
+        s.write_all(b"GET /echo HTTP/1.1\r\nHost:").unwrap();
+    }
+    srv.wait_metric("megasock_connections", 10, |v| v == 0);
+    assert_eq!(srv.metric("megasock_accepted_total"), 25);
+}
+
+#[test]
+fn help_lists_every_option_with_default_and_bad_values_name_the_option() {
+    let out = Command::new(env!("CARGO_BIN_EXE_megasock"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for opt in [
+        "--listen",
+        "--workers",
+        "--pin",
+        "--backlog",
+        "--max-connections",
+        "--max-message-size",
+        "--max-backpressure",
+        "--slow-consumer",
+        "--handshake-timeout",
+        "--ping-interval",
+        "--idle-timeout",
+        "--close-timeout",
+        "--drain-timeout",
+        "--ring-capacity",
+        "--metrics-listen",
+        "--ready-file",
+        "--config",
+    ] {
+        assert!(help.contains(opt), "--help lacks {opt}");
+    }
+    assert!(help.matches("[default:").count() >= 16, "{help}");
+    for (args, needle) in [
+        (vec!["--workers", "0"], "--workers"),
+        (vec!["--max-message-size", "lots"], "--max-message-size"),
+        (vec!["--idle-timeout", "0s"], "--idle-timeout"),
+        (vec!["--config", "/nonexistent/megasock.toml"], "--config"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_megasock"))
+            .arg("serve")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+    }
+}
+
+#[test]
+fn config_file_values_apply_and_flags_win() {
+    let dir = std::env::temp_dir().join(format!("megasock-cfgtest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("megasock.toml");
+    std::fs::write(
+        &cfg,
+        "max-message-size = \"100B\"\nworkers = 1\nmax-connections = 1\n",
+    )
+    .unwrap();
+    let cfg_arg = cfg.to_str().unwrap();
+    let srv = ServerProc::start(&["--config", cfg_arg, "--max-connections", "5"]);
+    let mut a = Client::connect(srv.ws, "/echo");
+    let _b = Client::connect(srv.ws, "/echo"); // flag (5) beat the file (1)
+    a.send_binary(&[0; 101]);
+    assert_eq!(
+        a.expect_close(),
+        Some(1009),
+        "file's max-message-size applies"
+    );
+}
