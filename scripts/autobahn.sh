@@ -67,6 +67,7 @@ die() { log "error: $*"; exit 1; }
 [[ $DEADLINE =~ ^[1-9][0-9]*$ ]] || die "AUTOBAHN_DEADLINE must be a positive integer (seconds)"
 
 SERVER_PID=""
+SERVER_STATUS=""  # exit status of the server once stop_server has reaped it
 stop_server() {
     local pid=$SERVER_PID i
     [[ -n $pid ]] || return 0
@@ -80,7 +81,8 @@ stop_server() {
         log "server did not exit ${STOP_TIMEOUT}s after SIGTERM; killing it"
         kill -KILL "$pid" 2>/dev/null || true
     fi
-    wait "$pid" 2>/dev/null || true
+    SERVER_STATUS=0
+    wait "$pid" 2>/dev/null || SERVER_STATUS=$?
 }
 trap stop_server EXIT
 trap 'exit 130' INT
@@ -90,6 +92,10 @@ trap 'exit 143' TERM
 command -v python3 >/dev/null || die "python3 is required"
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
     die "kosoku needs Python >= 3.10, python3 is $(python3 -V 2>&1)"
+if [[ -e $VENV ]] && ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
+    log "$VENV is broken (its python does not run); recreating it"
+    rm -rf "$VENV"
+fi
 if [[ ! -x $VENV/bin/python ]]; then
     log "creating $VENV"
     python3 -m venv "$VENV" || die "python3 -m venv failed (on Debian: apt-get install python3-venv)"
@@ -286,13 +292,14 @@ read -r passed failed <"$OUT/counts" || die "no counts from the case driver"
 
 # 5. The server must have survived the run; then stop it.
 died=0
-if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-    tail -n 20 "$OUT/server.log" >&2 || true
-    SERVER_PID=""
-    log "error: the server died during the run (log: $OUT/server.log)"
-    died=1
-fi
+kill -0 "$SERVER_PID" 2>/dev/null || died=1
 stop_server
+if ((died)); then
+    tail -n 20 "$OUT/server.log" >&2 || true
+    log "error: the server died during the run, exit status $SERVER_STATUS (log: $OUT/server.log)"
+elif [[ $SERVER_STATUS != 0 ]]; then
+    log "warning: server exited with status $SERVER_STATUS on SIGTERM (log: $OUT/server.log)"
+fi
 
 echo "autobahn: $passed passed, $failed failed"
 ((failed == 0 && died == 0))
