@@ -51,14 +51,6 @@ impl Scenario {
             Scenario::Ladder(a) => &a.common,
         }
     }
-    pub fn common_mut(&mut self) -> &mut Common {
-        match self {
-            Scenario::Connect(a) => &mut a.common,
-            Scenario::Echo(a) => &mut a.common,
-            Scenario::Broadcast(a) => &mut a.common,
-            Scenario::Ladder(a) => &mut a.common,
-        }
-    }
 }
 
 /// Options every scenario has.
@@ -266,24 +258,64 @@ mod tests {
     #[test]
     fn contract_command_lines_parse() {
         let c = Cli::try_parse_from([
-            "megasock-bench", "broadcast", "--url", "ws://127.0.0.1:1/ws/r", "--subs", "10",
-            "--pubs", "2", "--msgs", "5", "--size", "64", "--json", "x.json",
+            "megasock-bench",
+            "broadcast",
+            "--url",
+            "ws://127.0.0.1:1/ws/r",
+            "--subs",
+            "10",
+            "--pubs",
+            "2",
+            "--msgs",
+            "5",
+            "--size",
+            "64",
+            "--json",
+            "x.json",
         ])
         .unwrap();
         assert_eq!(c.scenario.name(), "broadcast");
         Cli::try_parse_from([
-            "megasock-bench", "echo", "--url", "ws://127.0.0.1:1/echo", "--conns", "3",
-            "--inflight", "2", "--secs", "1", "--size", "64", "--json", "x.json",
+            "megasock-bench",
+            "echo",
+            "--url",
+            "ws://127.0.0.1:1/echo",
+            "--conns",
+            "3",
+            "--inflight",
+            "2",
+            "--secs",
+            "1",
+            "--size",
+            "64",
+            "--json",
+            "x.json",
         ])
         .unwrap();
         Cli::try_parse_from([
-            "megasock-bench", "connect", "--url", "ws://127.0.0.1:1/echo", "--conns", "3",
-            "--hold", "1", "--server-pid", "1", "--json", "x.json",
+            "megasock-bench",
+            "connect",
+            "--url",
+            "ws://127.0.0.1:1/echo",
+            "--conns",
+            "3",
+            "--hold",
+            "1",
+            "--server-pid",
+            "1",
+            "--json",
+            "x.json",
         ])
         .unwrap();
         let l = Cli::try_parse_from([
-            "megasock-bench", "ladder", "--url", "ws://127.0.0.1:1/ws/r", "--steps",
-            "1000,2000,5000", "--json", "x.json",
+            "megasock-bench",
+            "ladder",
+            "--url",
+            "ws://127.0.0.1:1/ws/r",
+            "--steps",
+            "1000,2000,5000",
+            "--json",
+            "x.json",
         ])
         .unwrap();
         match l.scenario {

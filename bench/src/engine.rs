@@ -183,7 +183,11 @@ fn classify(e: &io::Error) -> String {
 }
 
 impl Engine {
-    pub fn new(cfg: EngineConfig, ctl: Arc<Control>, progress: Arc<Progress>) -> io::Result<Engine> {
+    pub fn new(
+        cfg: EngineConfig,
+        ctl: Arc<Control>,
+        progress: Arc<Progress>,
+    ) -> io::Result<Engine> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         ctl.add_waker(waker);
@@ -227,11 +231,6 @@ impl Engine {
     pub fn queued(&self, id: usize) -> usize {
         let c = &self.conns[id];
         c.outbuf.len() - c.out_pos
-    }
-
-    /// Connection attempts made by this worker so far (its local connection count).
-    pub fn attempted(&self) -> u64 {
-        self.total_attempted
     }
 
     /// One turn: wait for events (at most `timeout`), handle them, expire timeouts, then let
@@ -391,7 +390,14 @@ impl Engine {
         }
     }
 
-    fn handle<B: Behavior>(&mut self, id: usize, readable: bool, writable: bool, hup: bool, b: &mut B) {
+    fn handle<B: Behavior>(
+        &mut self,
+        id: usize,
+        readable: bool,
+        writable: bool,
+        hup: bool,
+        b: &mut B,
+    ) {
         let Some(c) = self.conns.get(id) else { return };
         match c.state {
             State::Connecting => {
@@ -448,7 +454,9 @@ impl Engine {
         let mut eof = false;
         loop {
             let c = &mut self.conns[id];
-            let Some(stream) = c.stream.as_mut() else { return };
+            let Some(stream) = c.stream.as_mut() else {
+                return;
+            };
             match stream.read(&mut self.scratch) {
                 Ok(0) => {
                     eof = true;
@@ -503,7 +511,9 @@ impl Engine {
             if c.state == State::Closed {
                 break;
             }
-            let Some(stream) = c.stream.as_mut() else { break };
+            let Some(stream) = c.stream.as_mut() else {
+                break;
+            };
             match stream.read(&mut scratch) {
                 Ok(0) => {
                     self.on_eof(id);
@@ -574,10 +584,18 @@ impl Engine {
     }
 
     /// Parse and dispatch every complete frame in `data`; returns the bytes used.
-    fn process<B: Behavior>(&mut self, id: usize, data: &[u8], b: &mut B, now: u64) -> Result<usize, String> {
+    fn process<B: Behavior>(
+        &mut self,
+        id: usize,
+        data: &[u8],
+        b: &mut B,
+        now: u64,
+    ) -> Result<usize, String> {
         let mut pos = 0;
         while pos < data.len() {
-            let Some(fi) = ws::parse_frame_header(&data[pos..]).map_err(|_| "protocol_bad_header".to_string())? else {
+            let Some(fi) = ws::parse_frame_header(&data[pos..])
+                .map_err(|_| "protocol_bad_header".to_string())?
+            else {
                 break;
             };
             if fi.payload_len > MAX_FRAME {
@@ -655,21 +673,23 @@ impl Engine {
     fn on_close_frame(&mut self, id: usize, code: u16, now: u64) {
         match self.conns[id].state {
             State::Open => {
-                // The server closes: answer, count it, wait for its EOF.
-                let echo = if code == 1005 { Vec::new() } else { code.to_be_bytes().to_vec() };
-                self.frame(ws::OP_CLOSE, echo.len(), |p| p.copy_from_slice(&echo));
-                self.send_out(id);
+                // The server closes: count it, answer, wait for its EOF.
                 let cause = format!("server_close_{code}");
                 self.open -= 1;
                 self.total_dropped += 1;
                 *self.stats.drops.entry(cause).or_default() += 1;
                 self.closed_q.push(id);
                 let c = &mut self.conns[id];
-                if c.state != State::Closed {
-                    c.state = State::Closing;
-                    c.close_deadline = now + CLOSE_WAIT_NS;
-                    self.closing.push_back(id);
-                }
+                c.state = State::Closing;
+                c.close_deadline = now + CLOSE_WAIT_NS;
+                self.closing.push_back(id);
+                let echo = if code == 1005 {
+                    Vec::new()
+                } else {
+                    code.to_be_bytes().to_vec()
+                };
+                self.frame(ws::OP_CLOSE, echo.len(), |p| p.copy_from_slice(&echo));
+                self.send_out(id);
             }
             _ => {
                 // The answer to our close: the server should close TCP now; wait for EOF.
@@ -679,20 +699,20 @@ impl Engine {
 
     /// Start the close handshake (code 1000) on an open connection.
     pub fn close(&mut self, id: usize) {
-        if self.conns[id].state != State::Open {
+        let c = &mut self.conns[id];
+        if c.state != State::Open {
             return;
         }
-        self.frame(ws::OP_CLOSE, 2, |p| p.copy_from_slice(&1000u16.to_be_bytes()));
+        c.state = State::Closing;
+        c.closing_by_us = true;
+        c.close_deadline = mono_ns() + CLOSE_WAIT_NS;
+        self.open -= 1;
+        self.closed_q.push(id);
+        self.closing.push_back(id);
+        self.frame(ws::OP_CLOSE, 2, |p| {
+            p.copy_from_slice(&1000u16.to_be_bytes())
+        });
         self.send_out(id);
-        let c = &mut self.conns[id];
-        if c.state == State::Open {
-            c.state = State::Closing;
-            c.closing_by_us = true;
-            c.close_deadline = mono_ns() + CLOSE_WAIT_NS;
-            self.open -= 1;
-            self.closed_q.push(id);
-            self.closing.push_back(id);
-        }
     }
 
     /// Close every connection (close handshake for the open ones), waiting at most `timeout`.
@@ -706,7 +726,8 @@ impl Engine {
         }
         let deadline = mono_ns() + timeout.as_nanos() as u64;
         loop {
-            self.closing.retain(|&id| self.conns[id].state == State::Closing);
+            self.closing
+                .retain(|&id| self.conns[id].state == State::Closing);
             let now = mono_ns();
             if self.closing.is_empty() || now >= deadline {
                 break;
@@ -744,7 +765,14 @@ impl Engine {
             } else if now >= c.close_deadline {
                 self.closing.pop_front();
                 let by_us = c.closing_by_us;
-                self.finish(id, if by_us { "close_timeout" } else { "server_close_timeout" });
+                self.finish(
+                    id,
+                    if by_us {
+                        "close_timeout"
+                    } else {
+                        "server_close_timeout"
+                    },
+                );
             } else {
                 break;
             }
@@ -798,7 +826,9 @@ impl Engine {
         if c.out_pos >= c.outbuf.len() {
             return;
         }
-        let Some(stream) = c.stream.as_mut() else { return };
+        let Some(stream) = c.stream.as_mut() else {
+            return;
+        };
         while c.out_pos < c.outbuf.len() {
             match stream.write(&c.outbuf[c.out_pos..]) {
                 Ok(0) => break,

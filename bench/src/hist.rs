@@ -29,6 +29,7 @@ impl Hist {
         self.0.saturating_record(ns.max(1));
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> u64 {
         self.0.len()
     }
@@ -101,7 +102,11 @@ impl Hist {
                 let q = v.quantile_iterated_to();
                 let value = v.value_iterated_to() as f64 / 1000.0;
                 if q < 1.0 {
-                    writeln!(w, "{value:12.3} {q:14.12} {total:10} {:14.2}", 1.0 / (1.0 - q))?;
+                    writeln!(
+                        w,
+                        "{value:12.3} {q:14.12} {total:10} {:14.2}",
+                        1.0 / (1.0 - q)
+                    )?;
                 } else {
                     writeln!(w, "{value:12.3} {q:14.12} {total:10}")?;
                 }
@@ -110,10 +115,18 @@ impl Hist {
         let (mean, sd, max) = if h.is_empty() {
             (0.0, 0.0, 0.0)
         } else {
-            (h.mean() / 1000.0, h.stdev() / 1000.0, h.max() as f64 / 1000.0)
+            (
+                h.mean() / 1000.0,
+                h.stdev() / 1000.0,
+                h.max() as f64 / 1000.0,
+            )
         };
         writeln!(w, "#[Mean    = {mean:12.3}, StdDeviation   = {sd:12.3}]")?;
-        writeln!(w, "#[Max     = {max:12.3}, Total count    = {:12}]", h.len())?;
+        writeln!(
+            w,
+            "#[Max     = {max:12.3}, Total count    = {:12}]",
+            h.len()
+        )?;
         writeln!(
             w,
             "#[Buckets = {:12}, SubBuckets     = {:12}]",
@@ -168,7 +181,7 @@ fn hex_encode(b: &[u8]) -> String {
 
 fn hex_decode(s: &str) -> Result<Vec<u8>, String> {
     let b = s.as_bytes();
-    if b.len() % 2 != 0 {
+    if !b.len().is_multiple_of(2) {
         return Err("odd hex length".into());
     }
     let nib = |c: u8| -> Result<u8, String> {
@@ -179,7 +192,9 @@ fn hex_decode(s: &str) -> Result<Vec<u8>, String> {
             _ => Err(format!("bad hex digit {:?}", c as char)),
         }
     };
-    b.chunks(2).map(|p| Ok(nib(p[0])? << 4 | nib(p[1])?)).collect()
+    b.chunks(2)
+        .map(|p| Ok(nib(p[0])? << 4 | nib(p[1])?))
+        .collect()
 }
 
 /// Latency percentiles in microseconds.
@@ -211,12 +226,17 @@ mod tests {
         let mut parts = [Hist::new(), Hist::new(), Hist::new()];
         let mut x: u64 = 12345;
         for i in 0..30_000u64 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let v = 1_000 + (x >> 40) % 5_000_000 + if i % 1000 == 0 { 900_000_000 } else { 0 };
             whole.record(v);
             parts[(i % 3) as usize].record(v);
         }
-        let json: Vec<String> = parts.iter().map(|p| serde_json::to_string(p).unwrap()).collect();
+        let json: Vec<String> = parts
+            .iter()
+            .map(|p| serde_json::to_string(p).unwrap())
+            .collect();
         let mut merged = Hist::new();
         for j in &json {
             let h: Hist = serde_json::from_str(j).unwrap();
@@ -248,8 +268,14 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("       Value     Percentile TotalCount 1/(1-Percentile)\n\n"));
         assert!(text.contains("#[Max     = "));
-        let last_data = text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).last().unwrap();
-        assert!(last_data.contains(" 1000 ") || last_data.trim_end().ends_with("1000"), "{last_data}");
+        let last_data = text
+            .lines()
+            .rfind(|l| !l.starts_with('#') && !l.is_empty())
+            .unwrap();
+        assert!(
+            last_data.contains(" 1000 ") || last_data.trim_end().ends_with("1000"),
+            "{last_data}"
+        );
         assert!(!h.percentile_curve().is_empty());
         // Empty histograms summarize to zeros and still give a valid file.
         assert_eq!(Hist::new().summary(), Percentiles::default());

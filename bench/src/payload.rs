@@ -75,7 +75,11 @@ pub fn read(buf: &[u8], text: bool) -> Option<Header> {
             send_ns: u64::from_le_bytes(buf[16..24].try_into().ok()?),
         }
     };
-    if buf[hl..].iter().enumerate().all(|(i, &b)| b == pad_byte(&h, i)) {
+    if buf[hl..]
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == pad_byte(&h, i))
+    {
         Some(h)
     } else {
         None
@@ -109,7 +113,12 @@ mod tests {
 
     #[test]
     fn round_trip_binary_and_text() {
-        let h = Header { run: 0xdead_beef, src: 7, seq: 123_456, send_ns: 0x0123_4567_89ab_cdef };
+        let h = Header {
+            run: 0xdead_beef,
+            src: 7,
+            seq: 123_456,
+            send_ns: 0x0123_4567_89ab_cdef,
+        };
         for text in [false, true] {
             for len in [header_len(text), 64, 1000] {
                 let mut b = vec![0u8; len];
@@ -122,7 +131,11 @@ mod tests {
                 for i in [0, 5, len - 1] {
                     let mut c = b.clone();
                     c[i] ^= 0x01;
-                    assert_ne!(read(&c, text), Some(h), "flip at {i} (len {len}, text {text})");
+                    assert_ne!(
+                        read(&c, text),
+                        Some(h),
+                        "flip at {i} (len {len}, text {text})"
+                    );
                 }
             }
         }

@@ -31,10 +31,14 @@ pub fn parse(spec: &str) -> Result<Vec<IpAddr>, String> {
             };
             let (s, e) = (u32::from(start), u32::from(end));
             if e < s {
-                return Err(format!("--source-ips: range {item:?} ends before it starts"));
+                return Err(format!(
+                    "--source-ips: range {item:?} ends before it starts"
+                ));
             }
             if (e - s) as usize >= MAX_ADDRS {
-                return Err(format!("--source-ips: range {item:?} is larger than {MAX_ADDRS} addresses"));
+                return Err(format!(
+                    "--source-ips: range {item:?} is larger than {MAX_ADDRS} addresses"
+                ));
             }
             out.extend((s..=e).map(|v| IpAddr::V4(Ipv4Addr::from(v))));
         } else if let Some((a, l)) = item.split_once('/') {
@@ -49,7 +53,9 @@ pub fn parse(spec: &str) -> Result<Vec<IpAddr>, String> {
                 .filter(|&l| l <= 32)
                 .ok_or_else(|| format!("--source-ips: bad prefix length {l:?}"))?;
             if len < 16 {
-                return Err(format!("--source-ips: prefix {item:?} is larger than a /16"));
+                return Err(format!(
+                    "--source-ips: prefix {item:?} is larger than a /16"
+                ));
             }
             let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
             let net = u32::from(base) & mask;
@@ -119,7 +125,10 @@ mod tests {
         assert_eq!(r[48], v4("127.0.0.50"));
         assert_eq!(parse("127.0.0.2-50").unwrap(), r);
         assert_eq!(parse("10.0.0.255-10.0.1.1").unwrap().len(), 3);
-        assert_eq!(parse("127.0.0.2, 127.0.0.3").unwrap(), vec![v4("127.0.0.2"), v4("127.0.0.3")]);
+        assert_eq!(
+            parse("127.0.0.2, 127.0.0.3").unwrap(),
+            vec![v4("127.0.0.2"), v4("127.0.0.3")]
+        );
         let p = parse("10.1.2.0/24").unwrap();
         assert_eq!(p.len(), 254);
         assert_eq!(p[0], v4("10.1.2.1"));
@@ -130,8 +139,14 @@ mod tests {
     #[test]
     fn rejects_bad_specs() {
         for bad in [
-            "", "127.0.0.50-127.0.0.2", "1.2.3", "1.2.3.4-x", "1.2.3.4/33", "10.0.0.0/8",
-            "127.0.0.2,127.0.0.2", "127.0.0.2-5,127.0.0.4",
+            "",
+            "127.0.0.50-127.0.0.2",
+            "1.2.3",
+            "1.2.3.4-x",
+            "1.2.3.4/33",
+            "10.0.0.0/8",
+            "127.0.0.2,127.0.0.2",
+            "127.0.0.2-5,127.0.0.4",
         ] {
             assert!(parse(bad).is_err(), "{bad:?} should be rejected");
         }

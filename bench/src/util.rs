@@ -163,7 +163,11 @@ impl Rng {
         Rng(seed | 1)
     }
     pub fn seeded(salt: u64) -> Rng {
-        Rng::new(mono_ns() ^ (u64::from(std::process::id()) << 32) ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        Rng::new(
+            mono_ns()
+                ^ (u64::from(std::process::id()) << 32)
+                ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        )
     }
     pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;

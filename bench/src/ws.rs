@@ -79,7 +79,11 @@ fn base64_16(raw: &[u8; 16]) -> [u8; 24] {
     let mut out = [b'='; 24];
     let mut o = 0;
     for chunk in raw.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
         let chars = chunk.len() + 1;
         for k in 0..chars {
@@ -131,7 +135,9 @@ pub fn parse_response(buf: &[u8], key: &[u8; 24]) -> Result<Option<usize>, Hands
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| HandshakeError::Bad(format!("bad status line {status_line:?}")))?;
     if !version.starts_with("HTTP/1.") {
-        return Err(HandshakeError::Bad(format!("bad status line {status_line:?}")));
+        return Err(HandshakeError::Bad(format!(
+            "bad status line {status_line:?}"
+        )));
     }
     if code != 101 {
         return Err(HandshakeError::Status(code));
@@ -187,7 +193,13 @@ pub fn apply_mask(buf: &mut [u8], m: [u8; 4]) {
 /// Append one final, masked frame to `out`, whose payload is written by `fill` (in clear;
 /// it is masked afterwards).
 #[inline]
-pub fn encode_frame_with(out: &mut Vec<u8>, opcode: u8, len: usize, mask: [u8; 4], fill: impl FnOnce(&mut [u8])) {
+pub fn encode_frame_with(
+    out: &mut Vec<u8>,
+    opcode: u8,
+    len: usize,
+    mask: [u8; 4],
+    fill: impl FnOnce(&mut [u8]),
+) {
     let header = FrameHeader {
         is_final: true,
         rsv1: false,
@@ -206,8 +218,11 @@ pub fn encode_frame_with(out: &mut Vec<u8>, opcode: u8, len: usize, mask: [u8; 4
     apply_mask(payload, mask);
 }
 
+#[cfg(test)]
 pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
-    encode_frame_with(out, opcode, payload.len(), mask, |p| p.copy_from_slice(payload));
+    encode_frame_with(out, opcode, payload.len(), mask, |p| {
+        p.copy_from_slice(payload)
+    });
 }
 
 /// A parsed frame header: where the payload is in the buffer.
@@ -252,9 +267,15 @@ mod tests {
         assert_eq!(parse_response(resp, &key), Ok(Some(resp.len() - 2)));
         assert_eq!(parse_response(&resp[..40], &key), Ok(None));
         let bad = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAALMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
-        assert!(matches!(parse_response(bad, &key), Err(HandshakeError::Bad(_))));
+        assert!(matches!(
+            parse_response(bad, &key),
+            Err(HandshakeError::Bad(_))
+        ));
         let refused = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\n";
-        assert_eq!(parse_response(refused, &key), Err(HandshakeError::Status(503)));
+        assert_eq!(
+            parse_response(refused, &key),
+            Err(HandshakeError::Status(503))
+        );
     }
 
     #[test]
@@ -264,7 +285,10 @@ mod tests {
         assert_eq!(t.path, "/ws/room1");
         assert_eq!(t.host, "127.0.0.1:9001");
         assert_eq!(parse_url("ws://127.0.0.1").unwrap().path, "/");
-        assert_eq!(parse_url("ws://[::1]:5/echo").unwrap().addr, "[::1]:5".parse().unwrap());
+        assert_eq!(
+            parse_url("ws://[::1]:5/echo").unwrap().addr,
+            "[::1]:5".parse().unwrap()
+        );
         assert!(parse_url("wss://127.0.0.1/").is_err());
         assert!(parse_url("http://127.0.0.1/").is_err());
         let mut req = Vec::new();
