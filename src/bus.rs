@@ -35,8 +35,10 @@ use crate::room_index::RoomShared;
 /// A message for the members of a room on another worker.
 pub struct Delivery {
     pub room: Arc<RoomShared>,
-    /// The encoded frame, shared with every other recipient.
-    pub frame: Bytes,
+    /// One or more encoded frames, shared with every other recipient.
+    pub frames: Bytes,
+    /// Messages inside `frames`.
+    pub messages: u32,
 }
 
 /// How a worker is woken.

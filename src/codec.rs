@@ -232,11 +232,17 @@ fn header_bytes(kind: OutKind, len: usize) -> ([u8; MAX_HEADER], usize) {
 /// Encodes one unmasked frame into a shared buffer: built once, cloned (a refcount increment)
 /// into every recipient's outbox.
 pub fn encode(kind: OutKind, payload: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(MAX_HEADER + payload.len());
+    encode_into(&mut buf, kind, payload);
+    buf.freeze()
+}
+
+/// Appends one unmasked frame to `buf` (several frames in one buffer go out in one write).
+pub fn encode_into(buf: &mut BytesMut, kind: OutKind, payload: &[u8]) {
     let (hdr, n) = header_bytes(kind, payload.len());
-    let mut buf = BytesMut::with_capacity(n + payload.len());
+    buf.reserve(n + payload.len());
     buf.put_slice(&hdr[..n]);
     buf.put_slice(payload);
-    buf.freeze()
 }
 
 /// Encodes a close frame with `code` and a short reason.

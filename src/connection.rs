@@ -156,8 +156,8 @@ impl Connection {
     }
 
     /// Open -> Closing for a slow consumer: drop the queued frames that have not started, so
-    /// the close frame is next on the wire. Returns how many frames were dropped.
-    pub fn close_slow_consumer(&mut self, now: u32) -> usize {
+    /// the close frame is next on the wire. Returns how many messages were dropped.
+    pub fn close_slow_consumer(&mut self, now: u32) -> u64 {
         let dropped = self.outbox.discard_unstarted();
         self.begin_close(codec::CLOSE_POLICY, "slow consumer", now);
         dropped

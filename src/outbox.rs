@@ -1,7 +1,8 @@
 //! A connection's output queue: shared, pre-encoded frames waiting to be written.
 //!
-//! Frames are `Bytes` (refcounted), so a broadcast queued for ten thousand connections is one
-//! buffer and ten thousand refcount increments. The queue is written with vectored writes, once
+//! A chunk is `Bytes` (refcounted) holding one or more whole frames, so a broadcast queued for
+//! ten thousand connections is one buffer and ten thousand refcount increments. Each chunk
+//! remembers how many messages it carries, so a drop is counted in messages. The queue is written with vectored writes, once
 //! per loop turn, and frees its storage when it empties: an idle connection owns no heap.
 //!
 //! Invariant: `queued` is the number of bytes not yet taken by the kernel, and the first frame
@@ -14,11 +15,18 @@ use std::io::{self, IoSlice, Write};
 use bytes::Bytes;
 
 /// How many frames one `writev` takes at most (well under IOV_MAX = 1024).
-const MAX_IOV: usize = 64;
+const MAX_IOV: usize = 256;
+
+/// Whole frames, shared with other recipients.
+pub struct Chunk {
+    pub bytes: Bytes,
+    /// Data messages inside (control frames count zero).
+    pub messages: u32,
+}
 
 #[derive(Default)]
 pub struct Outbox {
-    frames: VecDeque<Bytes>,
+    frames: VecDeque<Chunk>,
     head_offset: u32,
     queued: u32,
 }
@@ -44,23 +52,28 @@ impl Outbox {
         self.frames.is_empty()
     }
 
-    /// Queues a frame. The caller enforces the backpressure limit first.
+    /// Queues a control frame or an HTTP response (no data message).
     #[inline]
-    pub fn push(&mut self, frame: Bytes) {
-        self.queued = self.queued.saturating_add(frame.len() as u32);
-        self.frames.push_back(frame);
+    pub fn push(&mut self, bytes: Bytes) {
+        self.push_chunk(Chunk { bytes, messages: 0 });
     }
 
-    /// Drops every frame not yet started (used before a slow consumer's close frame, so the
-    /// close reaches the client as soon as it reads again). Returns how many were dropped.
-    pub fn discard_unstarted(&mut self) -> usize {
+    /// Queues a chunk. The caller enforces the backpressure limit first.
+    #[inline]
+    pub fn push_chunk(&mut self, chunk: Chunk) {
+        self.queued = self.queued.saturating_add(chunk.bytes.len() as u32);
+        self.frames.push_back(chunk);
+    }
+
+    /// Drops every chunk not yet started (used before a slow consumer's close frame, so the
+    /// close reaches the client as soon as it reads again). Returns the messages dropped.
+    pub fn discard_unstarted(&mut self) -> u64 {
         let keep = usize::from(self.head_offset > 0).min(self.frames.len());
-        let dropped = self.frames.len() - keep;
-        self.frames.truncate(keep);
+        let dropped = self.frames.drain(keep..).map(|c| c.messages as u64).sum();
         self.queued = self
             .frames
             .front()
-            .map_or(0, |f| (f.len() - self.head_offset as usize) as u32);
+            .map_or(0, |f| (f.bytes.len() - self.head_offset as usize) as u32);
         if self.frames.is_empty() {
             self.release();
         }
@@ -79,7 +92,7 @@ impl Outbox {
             let mut n = 0;
             for (i, f) in self.frames.iter().take(MAX_IOV).enumerate() {
                 let start = if i == 0 { self.head_offset as usize } else { 0 };
-                slices[i] = IoSlice::new(&f[start..]);
+                slices[i] = IoSlice::new(&f.bytes[start..]);
                 n += 1;
             }
             *writes += 1;
@@ -100,7 +113,7 @@ impl Outbox {
     fn consume(&mut self, mut written: usize) {
         self.queued -= written as u32;
         while written > 0 {
-            let front_left = self.frames[0].len() - self.head_offset as usize;
+            let front_left = self.frames[0].bytes.len() - self.head_offset as usize;
             if written >= front_left {
                 written -= front_left;
                 self.frames.pop_front();
@@ -170,14 +183,17 @@ mod tests {
     fn discard_keeps_the_partly_written_frame() {
         let mut o = Outbox::default();
         o.push(Bytes::from_static(b"0123456789"));
-        o.push(Bytes::from_static(b"abc"));
+        o.push_chunk(Chunk {
+            bytes: Bytes::from_static(b"abc"),
+            messages: 3,
+        });
         let mut w = Trickle {
             out: vec![],
             budget: 4,
         };
         let (mut s, mut b) = (0, 0);
         o.flush(&mut w, &mut s, &mut b).unwrap();
-        assert_eq!(o.discard_unstarted(), 1);
+        assert_eq!(o.discard_unstarted(), 3);
         assert_eq!(o.queued(), 6);
         w.budget = 100;
         o.flush(&mut w, &mut s, &mut b).unwrap();

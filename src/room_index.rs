@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::BytesMut;
 use slab::Slab;
 
 /// What every worker knows about a room.
@@ -120,6 +121,9 @@ pub struct RoomIndex {
 pub struct LocalRoom {
     pub shared: Arc<RoomShared>,
     pub members: Vec<u32>,
+    /// Frames published here this loop turn, sent together at the end of the turn.
+    pub batch: BytesMut,
+    pub batch_messages: u32,
 }
 
 /// Where a member sits, kept by the connection.
@@ -146,6 +150,8 @@ impl RoomIndex {
                 let r = self.rooms.insert(LocalRoom {
                     shared,
                     members: Vec::new(),
+                    batch: BytesMut::new(),
+                    batch_messages: 0,
                 }) as u32;
                 self.by_name.insert(name.into(), r);
                 self.by_id.insert(id, r);
@@ -185,6 +191,15 @@ impl RoomIndex {
 
     pub fn get(&self, room: u32) -> &LocalRoom {
         &self.rooms[room as usize]
+    }
+
+    pub fn get_mut(&mut self, room: u32) -> &mut LocalRoom {
+        &mut self.rooms[room as usize]
+    }
+
+    /// Whether `room` is a live local room (slots are reused after a room empties).
+    pub fn contains(&self, room: u32) -> bool {
+        self.rooms.contains(room as usize)
     }
 
     /// The local room for a room id received from another worker.

@@ -35,7 +35,7 @@ use crate::config::{Config, SlowConsumerPolicy};
 use crate::connection::{flags, Connection, Fragments, Inbound, State};
 use crate::handshake::{self, Route, Upgrade};
 use crate::metrics::{Disconnect, DropReason, Metrics, WorkerStats};
-use crate::outbox::Flushed;
+use crate::outbox::{Chunk, Flushed};
 use crate::room_index::{RoomDirectory, RoomIndex};
 use crate::timer_wheel::{Entry, TimerWheel, TICK};
 
@@ -45,6 +45,9 @@ const SCRATCH: usize = 64 * 1024;
 const READS_PER_TURN: usize = 16;
 /// Cross-core deliveries taken per turn.
 const INBOUND_BATCH: usize = 4096;
+/// A room's frames for one turn go out early once they reach this size, so one turn's batch
+/// never holds a connection's queue hostage for long.
+const BATCH_LIMIT: usize = 64 * 1024;
 /// How long accept stays paused after EMFILE/ENFILE.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -101,6 +104,35 @@ pub fn buses(shared: &Shared) -> Vec<CrossCoreBus> {
     )
 }
 
+/// Hot-path counts kept in plain integers and added to the shared atomics once per turn.
+#[derive(Default)]
+struct Tally {
+    bytes_in: u64,
+    messages_in: u64,
+    frames_out: u64,
+    bytes_out: u64,
+    write_syscalls: u64,
+    bus_received: u64,
+}
+
+impl Tally {
+    fn publish(&mut self, s: &WorkerStats) {
+        let t = std::mem::take(self);
+        for (counter, n) in [
+            (&s.bytes_in, t.bytes_in),
+            (&s.messages_in, t.messages_in),
+            (&s.frames_out, t.frames_out),
+            (&s.bytes_out, t.bytes_out),
+            (&s.write_syscalls, t.write_syscalls),
+            (&s.bus_received, t.bus_received),
+        ] {
+            if n > 0 {
+                WorkerStats::add(counter, n);
+            }
+        }
+    }
+}
+
 /// Ticks derived from the configuration.
 struct Ticks {
     handshake: u32,
@@ -130,6 +162,9 @@ pub struct Worker {
     draining_until: Option<u32>,
     /// Size of the partial frame the last parse stopped at (so its stash is allocated once).
     stash_hint: usize,
+    /// Rooms with frames published this turn.
+    pending_rooms: Vec<u32>,
+    tally: Tally,
 }
 
 fn ticks_of(d: Duration) -> u32 {
@@ -177,6 +212,8 @@ impl Worker {
             accept_paused_until: None,
             draining_until: None,
             stash_hint: 0,
+            pending_rooms: Vec::new(),
+            tally: Tally::default(),
         })
     }
 
@@ -235,6 +272,7 @@ impl Worker {
                 }
             }
             self.read_backlog();
+            self.flush_batches();
             self.drain_inbound();
             if self.bus.is_backed_up() {
                 self.bus.retry_overflow();
@@ -254,6 +292,7 @@ impl Worker {
                 self.begin_drain();
             }
             self.flush_dirty();
+            self.tally.publish(&self.shared.metrics.workers[self.id]);
             if let Some(until) = self.draining_until {
                 if self.conns.is_empty() {
                     return Ok(());
@@ -388,7 +427,7 @@ impl Worker {
             };
             let now = self.now;
             conn.heard(now);
-            WorkerStats::add(&self.shared.metrics.workers[self.id].bytes_in, n as u64);
+            self.tally.bytes_in += n as u64;
             self.take_input(key, &mut scratch[..n]);
             reads += 1;
             if !self.conns.contains(key as usize) {
@@ -581,7 +620,7 @@ impl Worker {
         match kind {
             Kind::Ping => {
                 if state == State::Open {
-                    self.enqueue(key, codec::encode(OutKind::Pong, payload));
+                    self.enqueue(key, codec::encode(OutKind::Pong, payload), 0);
                 }
             }
             Kind::Pong => {}
@@ -655,39 +694,64 @@ impl Worker {
         Ok(())
     }
 
-    /// A complete message from an open connection: echo it or publish it to its room.
+    /// A complete message from an open connection: echo it, or add it to its room's batch.
     fn deliver(&mut self, key: u32, kind: Kind, payload: &[u8]) {
-        WorkerStats::add(&self.stats().messages_in, 1);
+        self.tally.messages_in += 1;
         let out = if kind == Kind::Text {
             OutKind::Text
         } else {
             OutKind::Binary
         };
-        let frame = codec::encode(out, payload);
-        match self.conns[key as usize].membership() {
-            None => self.enqueue(key, frame),
-            Some(m) => self.publish(m.room, frame),
+        let Some(m) = self.conns[key as usize].membership() else {
+            self.enqueue(key, codec::encode(out, payload), 1);
+            return;
+        };
+        WorkerStats::add(&self.stats().published, 1);
+        let local = self.rooms.get_mut(m.room);
+        if local.batch.is_empty() {
+            self.pending_rooms.push(m.room);
+        }
+        codec::encode_into(&mut local.batch, out, payload);
+        local.batch_messages += 1;
+        if local.batch.len() >= BATCH_LIMIT {
+            self.flush_room_batch(m.room);
         }
     }
 
-    /// Delivers an encoded frame to every local member of the room and hands it to every other
-    /// worker that has members.
-    fn publish(&mut self, room: u32, frame: Bytes) {
-        WorkerStats::add(&self.stats().published, 1);
-        let local = self.rooms.get(room);
+    fn flush_batches(&mut self) {
+        let mut rooms = std::mem::take(&mut self.pending_rooms);
+        for &room in &rooms {
+            if self.rooms.contains(room) {
+                self.flush_room_batch(room);
+            }
+        }
+        rooms.clear();
+        self.pending_rooms = rooms;
+    }
+
+    /// Sends a room's batch (frames encoded once, in publication order) to every local member
+    /// and to every other worker that has members.
+    fn flush_room_batch(&mut self, room: u32) {
+        let local = self.rooms.get_mut(room);
+        if local.batch.is_empty() {
+            return;
+        }
+        let frames = local.batch.split().freeze();
+        let messages = std::mem::take(&mut local.batch_messages);
         let shared = local.shared.clone();
-        // Index loop: enqueue never changes membership (closing is deferred to the end of the
-        // loop turn), so the member list is stable here.
-        for i in 0..local.members.len() {
+        // Index loop: enqueue never changes membership (a slow consumer only changes state;
+        // it leaves the room when it is dropped), so the member list is stable here.
+        for i in 0..self.rooms.get(room).members.len() {
             let member = self.rooms.get(room).members[i];
-            self.enqueue(member, frame.clone());
+            self.enqueue(member, frames.clone(), messages);
         }
         let (mut ring, mut overflow) = (0, 0);
         let bus = &mut self.bus;
         shared.for_each_other_worker(self.id, |w| {
             let d = Delivery {
                 room: shared.clone(),
-                frame: frame.clone(),
+                frames: frames.clone(),
+                messages,
             };
             match bus.send(w, d) {
                 bus::Sent::Ring => ring += 1,
@@ -707,48 +771,49 @@ impl Worker {
             let Some(d) = self.bus.try_recv() else {
                 return;
             };
-            WorkerStats::add(&self.stats().bus_received, 1);
+            self.tally.bus_received += 1;
             let Some(room) = self.rooms.by_id(d.room.id) else {
                 continue; // its last local member left meanwhile: nobody here to deliver to
             };
             for i in 0..self.rooms.get(room).members.len() {
                 let member = self.rooms.get(room).members[i];
-                self.enqueue(member, d.frame.clone());
+                self.enqueue(member, d.frames.clone(), d.messages);
             }
         }
     }
 
     // ---- writing ---------------------------------------------------------------------------
 
-    /// Queues a frame for a connection, applying the backpressure limit.
-    fn enqueue(&mut self, key: u32, frame: Bytes) {
-        let max = self.config().max_backpressure;
-        let policy = self.config().slow_consumer;
+    /// Queues frames carrying `messages` messages for a connection, applying the
+    /// backpressure limit.
+    fn enqueue(&mut self, key: u32, bytes: Bytes, messages: u32) {
+        let max = self.shared.config.max_backpressure;
+        let policy = self.shared.config.slow_consumer;
         let now = self.now;
         let stats = &self.shared.metrics.workers[self.id];
         let conn = &mut self.conns[key as usize];
         if conn.state != State::Open {
-            stats.drop_message(DropReason::RecipientClosing);
+            stats.dropped[DropReason::RecipientClosing as usize]
+                .fetch_add(messages as u64, Ordering::Relaxed);
             return;
         }
         // One message bigger than the limit still goes out to a connection that has caught up
         // (the limit bounds what piles up, and --max-message-size bounds a message).
         let queued = conn.outbox.queued();
-        if queued > 0 && queued + frame.len() > max {
-            stats.drop_message(DropReason::SlowConsumer);
+        if queued > 0 && queued + bytes.len() > max {
+            let mut dropped = messages as u64;
             if policy == SlowConsumerPolicy::Close {
-                let dropped = conn.close_slow_consumer(now);
-                for _ in 0..dropped {
-                    stats.drop_message(DropReason::SlowConsumer);
-                }
+                dropped += conn.close_slow_consumer(now);
                 stats.disconnect(Disconnect::SlowConsumer);
-                self.schedule(key, now + self.ticks.close);
-            } else {
+            }
+            stats.dropped[DropReason::SlowConsumer as usize].fetch_add(dropped, Ordering::Relaxed);
+            if policy == SlowConsumerPolicy::Drop {
                 return;
             }
+            self.schedule(key, now + self.ticks.close);
         } else {
-            conn.outbox.push(frame);
-            WorkerStats::add(&stats.frames_out, 1);
+            conn.outbox.push_chunk(Chunk { bytes, messages });
+            self.tally.frames_out += messages as u64;
         }
         self.mark_dirty(key);
     }
@@ -842,6 +907,11 @@ impl Worker {
 
     /// Removes a connection for good: leaves its room and closes the socket.
     fn drop_conn(&mut self, key: u32) {
+        if let Some(m) = self.conns.get(key as usize).and_then(|c| c.membership()) {
+            // Its room may be about to empty here: what was published this turn still goes
+            // to the other workers' members.
+            self.flush_room_batch(m.room);
+        }
         let Some(conn) = self.conns.try_remove(key as usize) else {
             return;
         };
