@@ -16,6 +16,7 @@ pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod outbox;
+pub mod plan;
 pub mod room_index;
 pub mod server;
 pub mod timer_wheel;

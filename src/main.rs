@@ -23,6 +23,9 @@ struct Cli {
 enum Command {
     /// Run the server (the default when no command is given).
     Serve(ServeArgs),
+    /// Print the memory, fds and kernel settings N connections need on this machine, and
+    /// whether it fits (exit status 1 if not).
+    Plan(megasock::plan::PlanArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +46,15 @@ fn main() -> ExitCode {
     };
     let args = match cli.command {
         Some(Command::Serve(a)) => a,
+        Some(Command::Plan(p)) => {
+            let (text, fits) = megasock::plan::report(&p, std::path::Path::new("/"));
+            print!("{text}");
+            return if fits {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            };
+        }
         None => cli.serve,
     };
     match serve(args) {

@@ -28,14 +28,17 @@ impl Server {
         let fd = limits::raise_nofile();
         let workers = config.workers;
         let auto_max = limits::default_max_connections(fd.soft, workers);
-        let max_connections = match config.max_connections {
-            Some(n) => n,
-            None => auto_max,
-        };
-        for w in
-            limits::kernel_warnings(Path::new("/"), max_connections, config.backlog, fd, workers)
-        {
+        let requested = config.max_connections.unwrap_or(auto_max);
+        for w in limits::kernel_warnings(Path::new("/"), requested, config.backlog, fd, workers) {
             log::warn!("{w}");
+        }
+        // Past the fd limit accept(2) would fail with EMFILE; a clear 503 is better.
+        let max_connections = requested.min(auto_max);
+        if max_connections < requested {
+            log::warn!(
+                "--max-connections {requested} lowered to {max_connections} to fit RLIMIT_NOFILE {}",
+                fd.soft
+            );
         }
 
         let (listeners, addrs) =

@@ -343,3 +343,92 @@ fn config_file_values_apply_and_flags_win() {
         "file's max-message-size applies"
     );
 }
+
+/// Starts megasock under a shell that lowers the fd limits first; returns its stderr.
+fn stderr_under_limits(ulimits: &str, args: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("megasock-ulimit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ready = dir.join(format!("ready-{}", ulimits.len() + args.len()));
+    let _ = std::fs::remove_file(&ready);
+    let script = format!(
+        "{ulimits}; exec {} serve --listen 127.0.0.1:0 --workers 1 --ready-file {} {args}",
+        env!("CARGO_BIN_EXE_megasock"),
+        ready.display()
+    );
+    let mut child = Command::new("bash")
+        .args(["-c", &script])
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn startup_raises_the_soft_fd_limit_and_warns_about_what_caps_connections() {
+    // A lowered soft limit is raised to the hard limit, and the startup line says so.
+    let log = stderr_under_limits("ulimit -Sn 256", "");
+    let line = log
+        .lines()
+        .find(|l| l.contains("RLIMIT_NOFILE"))
+        .expect(&log);
+    assert!(line.contains("(was 256,"), "{line}");
+    assert!(
+        line.contains("workers 1") && line.contains("max-connections"),
+        "{line}"
+    );
+    // A hard limit too low for --max-connections: one warning naming the fix, and the limit
+    // is lowered to what the fds allow.
+    let log = stderr_under_limits("ulimit -n 1024", "--max-connections 50000");
+    let warn = log
+        .lines()
+        .find(|l| l.contains("RLIMIT_NOFILE is 1024"))
+        .unwrap_or_else(|| panic!("no fd warning in:\n{log}"));
+    assert!(
+        warn.contains("scripts/tune.sh apply --connections 50000"),
+        "{warn}"
+    );
+    assert!(log.contains("--max-connections 50000 lowered to"), "{log}");
+}
+
+#[test]
+fn plan_prints_the_formula_figures() {
+    let out = Command::new(env!("CARGO_BIN_EXE_megasock"))
+        .args([
+            "plan",
+            "--connections",
+            "1000000",
+            "--message-rate",
+            "100",
+            "--room-size",
+            "1000",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    // 1M x (3907 + 216 + 8 kernel + 512 megasock) bytes idle.
+    assert!(text.contains("memory idle:   4643000000 B"), "{text}");
+    assert!(text.contains("fds (nofile):  1101024"), "{text}");
+    assert!(text.contains("deliveries:    100000/s"), "{text}");
+    // This machine's hard fd limit (20,000 here) cannot hold a million: exit status 1.
+    let hard = rlimit::Resource::NOFILE.get().unwrap().1;
+    if hard < 1_101_024 {
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(text.contains("TOO LOW"), "{text}");
+    }
+    let small = Command::new(env!("CARGO_BIN_EXE_megasock"))
+        .args(["plan", "--connections", "100"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(small.stdout).unwrap();
+    assert!(text.contains("memory idle:   464300 B"), "{text}");
+}
