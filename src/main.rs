@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (the default when no command is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the memory, fds and kernel settings N connections need on this machine, and
     /// whether it fits (exit status 1 if not).
     Plan(megasock::plan::PlanArgs),
@@ -45,7 +45,7 @@ fn main() -> ExitCode {
         }
     };
     let args = match cli.command {
-        Some(Command::Serve(a)) => a,
+        Some(Command::Serve(a)) => *a,
         Some(Command::Plan(p)) => {
             let (text, fits) = megasock::plan::report(&p, std::path::Path::new("/"));
             print!("{text}");
