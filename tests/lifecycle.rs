@@ -355,7 +355,7 @@ fn stderr_under_limits(ulimits: &str, args: &str) -> String {
         env!("CARGO_BIN_EXE_megasock"),
         ready.display()
     );
-    let mut child = Command::new("bash")
+    let child = Command::new("bash")
         .args(["-c", &script])
         .env("RUST_LOG", "info")
         .stderr(std::process::Stdio::piped())
