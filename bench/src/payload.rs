@@ -27,9 +27,15 @@ pub fn header_len(text: bool) -> usize {
     }
 }
 
+/// The padding is `a..z` repeated, starting at letter (seq + src) mod 26: byte i of the
+/// padding is `b'a' + (i + seq + src) % 26`. It has period 26, so it is checked and written
+/// 26 bytes at a time against a slice of this table.
+const ALPHA2: &[u8; 52] = b"abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyz";
+
 #[inline]
-fn pad_byte(h: &Header, i: usize) -> u8 {
-    b'a' + ((i as u32).wrapping_add(h.seq).wrapping_add(h.src) % 26) as u8
+fn pad_cycle(h: &Header) -> &'static [u8] {
+    let k = (h.seq.wrapping_add(h.src) % 26) as usize;
+    &ALPHA2[k..k + 26]
 }
 
 /// Fill `buf` (its whole length is the payload) with header + padding.
@@ -48,8 +54,9 @@ pub fn write(buf: &mut [u8], h: &Header, text: bool) {
         buf[12..16].copy_from_slice(&h.seq.to_le_bytes());
         buf[16..24].copy_from_slice(&h.send_ns.to_le_bytes());
     }
-    for (i, b) in buf[hl..].iter_mut().enumerate() {
-        *b = pad_byte(h, i);
+    let cycle = pad_cycle(h);
+    for chunk in buf[hl..].chunks_mut(26) {
+        chunk.copy_from_slice(&cycle[..chunk.len()]);
     }
 }
 
@@ -75,11 +82,8 @@ pub fn read(buf: &[u8], text: bool) -> Option<Header> {
             send_ns: u64::from_le_bytes(buf[16..24].try_into().ok()?),
         }
     };
-    if buf[hl..]
-        .iter()
-        .enumerate()
-        .all(|(i, &b)| b == pad_byte(&h, i))
-    {
+    let cycle = pad_cycle(&h);
+    if buf[hl..].chunks(26).all(|c| c == &cycle[..c.len()]) {
         Some(h)
     } else {
         None
@@ -110,6 +114,21 @@ fn get_hex(s: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn padding_is_the_documented_sequence() {
+        let h = Header {
+            run: 1,
+            src: 3,
+            seq: 30,
+            send_ns: 5,
+        };
+        let mut b = vec![0u8; BIN_HEADER + 100];
+        write(&mut b, &h, false);
+        for (i, &c) in b[BIN_HEADER..].iter().enumerate() {
+            assert_eq!(c, b'a' + ((i as u32 + 30 + 3) % 26) as u8);
+        }
+    }
 
     #[test]
     fn round_trip_binary_and_text() {
