@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
@@ -164,6 +164,9 @@ pub struct Worker {
     stash_hint: usize,
     /// Rooms with frames published this turn.
     pending_rooms: Vec<u32>,
+    /// Echo frames of the connection being read (see `flush_echoes`).
+    echoes: BytesMut,
+    echo_messages: u32,
     tally: Tally,
 }
 
@@ -213,6 +216,8 @@ impl Worker {
             draining_until: None,
             stash_hint: 0,
             pending_rooms: Vec::new(),
+            echoes: BytesMut::new(),
+            echo_messages: 0,
             tally: Tally::default(),
         })
     }
@@ -429,6 +434,7 @@ impl Worker {
             conn.heard(now);
             self.tally.bytes_in += n as u64;
             self.take_input(key, &mut scratch[..n]);
+            self.flush_echoes(key);
             reads += 1;
             if !self.conns.contains(key as usize) {
                 break;
@@ -617,6 +623,9 @@ impl Worker {
         inbound: &mut Option<Box<Inbound>>,
     ) -> Result<(), Violation> {
         let state = self.conns[key as usize].state;
+        if kind.is_control() {
+            self.flush_echoes(key); // keep replies in the order the client sent
+        }
         match kind {
             Kind::Ping => {
                 if state == State::Open {
@@ -703,7 +712,8 @@ impl Worker {
             OutKind::Binary
         };
         let Some(m) = self.conns[key as usize].membership() else {
-            self.enqueue(key, codec::encode(out, payload), 1);
+            codec::encode_into(&mut self.echoes, out, payload);
+            self.echo_messages += 1;
             return;
         };
         WorkerStats::add(&self.stats().published, 1);
@@ -715,6 +725,19 @@ impl Worker {
         local.batch_messages += 1;
         if local.batch.len() >= BATCH_LIMIT {
             self.flush_room_batch(m.room);
+        }
+    }
+
+    /// Queues the echoes gathered from one read as one chunk: one allocation per read, not
+    /// per message.
+    fn flush_echoes(&mut self, key: u32) {
+        if self.echoes.is_empty() {
+            return;
+        }
+        let frames = self.echoes.split().freeze();
+        let messages = std::mem::take(&mut self.echo_messages);
+        if self.conns.contains(key as usize) {
+            self.enqueue(key, frames, messages);
         }
     }
 
@@ -875,6 +898,7 @@ impl Worker {
             _ => Disconnect::ProtocolError,
         };
         self.stats().disconnect(reason);
+        self.flush_echoes(key); // messages before the bad frame are still answered
         let now = self.now;
         let c = &mut self.conns[key as usize];
         if c.state == State::Open {
