@@ -136,6 +136,49 @@ pub fn unmask(buf: &mut [u8], m: [u8; 4]) {
     }
 }
 
+/// XORs `buf`, which starts `offset` bytes into a payload, with the client mask.
+#[inline]
+pub fn unmask_from(buf: &mut [u8], m: [u8; 4], offset: usize) {
+    let o = offset % 4;
+    unmask(
+        &mut buf[..],
+        [m[o], m[(o + 1) % 4], m[(o + 2) % 4], m[(o + 3) % 4]],
+    );
+}
+
+/// Progress through a text frame whose payload has not fully arrived.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PartialText {
+    /// Payload bytes already unmasked in place.
+    pub unmasked: u32,
+    /// Of those, the bytes known to end on a character boundary.
+    pub valid_up_to: u32,
+}
+
+/// Unmasks and checks the payload bytes of a partial text frame that arrived since `done`,
+/// so invalid UTF-8 fails the connection before the rest of the frame arrives.
+pub fn check_partial_text(
+    available: &mut [u8],
+    mask: [u8; 4],
+    done: PartialText,
+) -> Result<PartialText, Violation> {
+    let from = done.unmasked as usize;
+    unmask_from(&mut available[from..], mask, from);
+    let mut progress = Utf8Progress {
+        valid_up_to: done.valid_up_to as usize,
+    };
+    if !progress.feed(available) {
+        return Err(Violation {
+            code: CLOSE_INVALID_DATA,
+            reason: "text is not valid UTF-8",
+        });
+    }
+    Ok(PartialText {
+        unmasked: available.len() as u32,
+        valid_up_to: progress.valid_up_to as u32,
+    })
+}
+
 /// Checks text arriving in pieces: the whole of a message must be UTF-8, and an invalid byte is
 /// reported as soon as the piece holding it arrives. Only the position validated so far is kept.
 #[derive(Debug, Default, Clone, Copy)]
@@ -321,6 +364,27 @@ mod tests {
         assert_eq!(parse_header(&big_ping, 1000).unwrap_err().code, 1002);
         let big = client_frame(0x82, &[0; 11], Some([0; 4]));
         assert_eq!(parse_header(&big, 10).unwrap_err().code, 1009);
+    }
+
+    #[test]
+    fn partial_text_is_unmasked_once_and_checked_as_it_arrives() {
+        let key = [7, 1, 9, 200];
+        let text = "h€llo wörld".as_bytes();
+        let mut frame = client_frame(0x81, text, Some(key));
+        let hl = 6;
+        let mut done = PartialText::default();
+        for cut in [hl + 1, hl + 2, hl + 5, hl + 9] {
+            done = check_partial_text(&mut frame[hl..cut], key, done).unwrap();
+            assert_eq!(done.unmasked as usize, cut - hl);
+        }
+        unmask_from(
+            &mut frame[hl + done.unmasked as usize..],
+            key,
+            done.unmasked as usize,
+        );
+        assert_eq!(&frame[hl..], text);
+        let mut bad = client_frame(0x81, &[b'o', b'k', 0xff, b'x', b'y'], Some(key));
+        assert!(check_partial_text(&mut bad[hl..hl + 3], key, PartialText::default()).is_err());
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct Inbound {
     pub stash: Vec<u8>,
     /// A fragmented message being reassembled.
     pub fragments: Option<Fragments>,
+    /// How much of the partial frame at the start of `stash` was already unmasked and checked.
+    pub partial: codec::PartialText,
 }
 
 pub struct Fragments {

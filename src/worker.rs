@@ -589,13 +589,38 @@ impl Worker {
                 }
             };
             let total = header.header_len + header.payload_len;
+            // Payload bytes of this frame unmasked (and checked) by an earlier read: only the
+            // first frame of a stash can have them.
+            let resume = if pos == 0 {
+                inbound
+                    .as_mut()
+                    .map_or(Default::default(), |ib| std::mem::take(&mut ib.partial))
+            } else {
+                Default::default()
+            };
             if buf.len() - pos < total {
                 // Partial frame: the stash is sized for it once instead of growing per read.
                 self.stash_hint = total;
+                let available = &mut buf[pos + header.header_len..];
+                let partial = if header.kind == Kind::Text && !closing {
+                    // Fail fast: check the text received so far instead of waiting for the
+                    // whole frame (Autobahn 6.4.3/6.4.4).
+                    match codec::check_partial_text(available, header.mask, resume) {
+                        Ok(p) => p,
+                        Err(v) => {
+                            self.violate(key, v);
+                            return buf.len();
+                        }
+                    }
+                } else {
+                    resume
+                };
+                inbound.get_or_insert_with(Box::default).partial = partial;
                 break;
             }
             let payload = &mut buf[pos + header.header_len..pos + total];
-            codec::unmask(payload, header.mask);
+            let done = resume.unmasked as usize;
+            codec::unmask_from(&mut payload[done..], header.mask, done);
             pos += total;
             if let Err(v) = self.on_frame(key, header.kind, header.fin, payload, inbound) {
                 if self

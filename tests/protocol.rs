@@ -176,6 +176,13 @@ fn close_codes_for_bad_frames() {
     c.send_frame(TEXT, false, b"ok");
     c.send_frame(TEXT, true, b"again");
     assert_eq!(c.expect_close(), Some(1002));
+    // Inside one frame that has only partly arrived: the close comes before the rest is sent.
+    let mut c = Client::connect(srv.ws, "/echo");
+    let mut payload = vec![b'a'; 500];
+    payload[10] = 0xff;
+    let frame = Client::frame_bytes(0x81, &payload, true);
+    c.send_raw(&frame[..50]).unwrap();
+    assert_eq!(c.expect_close(), Some(1007));
     // Fragments adding up past the limit: 1009.
     let mut c = Client::connect(srv.ws, "/echo");
     c.send_frame(BINARY, false, &[0; 600]);

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 fn sleeping_workers_are_woken_for_each_message() {
     let srv = ServerProc::start(&["--workers", "2"]);
     // Enough receivers that both workers hold some (SO_REUSEPORT spreads by 4-tuple hash).
-    let receivers: Vec<Client> = (0..16).map(|_| Client::connect(srv.ws, "/ws/wake")).collect();
+    let receivers: Vec<Client> = (0..16)
+        .map(|_| Client::connect(srv.ws, "/ws/wake"))
+        .collect();
     let mut publisher = Client::connect(srv.ws, "/ws/wake");
     let text = srv.metrics_text();
     let busy = text
@@ -39,7 +41,10 @@ fn sleeping_workers_are_woken_for_each_message() {
         std::thread::sleep(Duration::from_millis(2));
         let _ = publisher.recv();
     }
-    let mut all: Vec<u64> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let mut all: Vec<u64> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     all.sort_unstable();
     let p50 = all[all.len() / 2];
     let p99 = all[all.len() * 99 / 100];
