@@ -111,6 +111,11 @@ pub struct Common {
     #[arg(long, default_value = "600s", value_parser = parse_duration_secs)]
     pub deadline: f64,
 
+    /// Check the options, the fd limit and the port range, print the plan as key=value lines
+    /// and exit (0 = it fits, 2 = it does not); nothing is connected
+    #[arg(long)]
+    pub dry_run: bool,
+
     /// Internal: this process is child number N of --procs (set by the parent)
     #[arg(long, hide = true)]
     pub child_index: Option<usize>,

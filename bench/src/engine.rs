@@ -583,8 +583,28 @@ impl Engine {
         }
     }
 
-    /// Parse and dispatch every complete frame in `data`; returns the bytes used.
+    /// Parse and dispatch every complete frame in `data`; returns the bytes used. Frames the
+    /// behavior built while handling them (with [`Engine::frame`]) are written in one go.
     fn process<B: Behavior>(
+        &mut self,
+        id: usize,
+        data: &[u8],
+        b: &mut B,
+        now: u64,
+    ) -> Result<usize, String> {
+        debug_assert!(self.out.is_empty());
+        let r = self.process_frames(id, data, b, now);
+        if !self.out.is_empty() {
+            if r.is_ok() {
+                self.send_out(id);
+            } else {
+                self.out.clear();
+            }
+        }
+        r
+    }
+
+    fn process_frames<B: Behavior>(
         &mut self,
         id: usize,
         data: &[u8],

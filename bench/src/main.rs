@@ -40,9 +40,16 @@ fn main() {
         driver::child_main(sc, plan);
         return;
     }
-    if let Err(e) = check_capacity(&sc, &plan) {
+    let capacity = check_capacity(&sc, &plan);
+    if sc.common().dry_run {
+        print_plan(&sc, &plan);
+    }
+    if let Err(e) = capacity {
         eprintln!("megasock-bench: {e}");
         std::process::exit(2);
+    }
+    if sc.common().dry_run {
+        return;
     }
     std::process::exit(run(&sc, &plan));
 }
@@ -348,6 +355,35 @@ fn validate(sc: &Scenario) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `--dry-run`: what would run, as key=value lines (read by scripts/bench.sh).
+fn print_plan(sc: &Scenario, plan: &Plan) {
+    let total = max_connections(sc);
+    let (soft, hard) = util::raise_nofile_limit().unwrap_or((0, 0));
+    let ports = util::local_port_range().map_or(0, |(lo, hi)| u64::from(hi - lo + 1));
+    println!("scenario={}", sc.name());
+    println!("target={}", plan.target.addr);
+    println!("path={}", plan.target.path);
+    println!("max_connections={total}");
+    println!("procs={}", plan.procs);
+    println!("threads_per_process={}", plan.threads);
+    println!(
+        "connections_per_process={}",
+        total.div_ceil(plan.procs as u64)
+    );
+    println!(
+        "fds_needed_per_process={}",
+        total.div_ceil(plan.procs as u64) + FD_RESERVE
+    );
+    println!("nofile_soft={soft}");
+    println!("nofile_hard={hard}");
+    println!("source_addresses={}", plan.source_ips.len());
+    println!(
+        "connections_per_source_address={}",
+        srcip::per_address(total, plan.source_ips.len())
+    );
+    println!("local_ports={ports}");
 }
 
 /// Refuse runs the fd limit or the port range cannot hold.

@@ -246,8 +246,8 @@ impl Behavior for Echo {
             self.in_window += 1;
         }
         if self.sending && now < self.stop_at {
+            // Written by the engine once every frame of this read is handled.
             self.queue_one(eng, id, now);
-            eng.send_out(id);
         }
     }
 
