@@ -432,3 +432,48 @@ fn plan_prints_the_formula_figures() {
     let text = String::from_utf8(small.stdout).unwrap();
     assert!(text.contains("memory idle:   464300 B"), "{text}");
 }
+
+#[test]
+fn several_listen_addresses_and_pinned_workers() {
+    let dir = std::env::temp_dir().join(format!("megasock-multi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ready = dir.join("ready");
+    let _ = std::fs::remove_file(&ready);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_megasock"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.2:0",
+            "--workers",
+            "2",
+            "--pin",
+        ])
+        .arg("--ready-file")
+        .arg(&ready)
+        .env("RUST_LOG", "error")
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = std::fs::read_to_string(&ready).unwrap();
+    let addrs: Vec<std::net::SocketAddr> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("ws="))
+        .map(|a| a.parse().unwrap())
+        .collect();
+    assert_eq!(addrs.len(), 2, "{text}");
+    let mut a = Client::connect(addrs[0], "/ws/both");
+    let mut b = Client::connect(addrs[1], "/ws/both");
+    a.send_text("across listeners");
+    assert_eq!(b.recv().payload, b"across listeners");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(a.expect_close(), Some(1001));
+    assert_eq!(b.expect_close(), Some(1001));
+    drop((a, b));
+    assert!(child.wait().unwrap().success());
+}
