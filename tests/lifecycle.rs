@@ -361,11 +361,7 @@ fn stderr_under_limits(ulimits: &str, args: &str) -> String {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_file(&ready);
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
@@ -454,11 +450,7 @@ fn several_listen_addresses_and_pinned_workers() {
         .env("RUST_LOG", "error")
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_file(&ready);
     let text = std::fs::read_to_string(&ready).unwrap();
     let addrs: Vec<std::net::SocketAddr> = text
         .lines()
@@ -476,4 +468,12 @@ fn several_listen_addresses_and_pinned_workers() {
     assert_eq!(b.expect_close(), Some(1001));
     drop((a, b));
     assert!(child.wait().unwrap().success());
+}
+
+fn wait_for_file(path: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
