@@ -46,6 +46,7 @@ impl Server {
         let (polls, wakeups) = worker::polls(workers)?;
         let shared = Arc::new(Shared {
             max_connections,
+            reject_headroom: (limits::fd_reserve(fd.soft, workers) / 2) as usize,
             sockets: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             metrics: Metrics::new(workers),

@@ -58,6 +58,9 @@ const LISTENER_BASE: usize = usize::MAX - 1;
 pub struct Shared {
     pub config: Config,
     pub max_connections: usize,
+    /// Sockets past `max_connections` that still get a 503 (from the fd reserve); beyond
+    /// that a new socket is closed at once, so a flood cannot exhaust the fds.
+    pub reject_headroom: usize,
     /// Sockets held across all workers (counts against `max_connections`).
     pub sockets: AtomicUsize,
     pub shutdown: AtomicBool,
@@ -366,7 +369,7 @@ impl Worker {
             let max = self.shared.max_connections;
             // Over the limit a client still gets a 503, using the fd reserve; far over it
             // (a flood) the socket is closed at once so the reserve is never exhausted.
-            if held >= max + max / 8 + 16 {
+            if held >= max + self.shared.reject_headroom {
                 self.shared.sockets.fetch_sub(1, Ordering::Relaxed);
                 self.stats().disconnect(Disconnect::OverCapacity);
                 drop(stream);
