@@ -120,9 +120,11 @@ impl Display {
         let bar = bar.then(|| {
             let b = ProgressBar::new(0);
             b.set_style(
-                ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:30}] {pos}/{len} open {wide_msg}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             b
         });
@@ -140,8 +142,11 @@ impl Display {
         );
         if let Some(b) = &self.bar {
             b.set_length(want_open);
+            b.set_message(format!(
+                "| {phase} | failed {} dropped {} sent {} recv {}",
+                c.failed, c.dropped, c.sent, c.received
+            ));
             b.set_position(c.open.min(want_open));
-            b.set_message(msg);
         } else if self.lines && now >= self.last_line_ns + 1_000_000_000 {
             self.last_line_ns = now;
             eprintln!("[{t_s:7.1}s] {msg} (want {want_open})");

@@ -43,6 +43,7 @@ pub fn latency(path: &str, title: &str, series: &[(String, Vec<(f64, f64)>)]) ->
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 22))
         .margin(15)
+        .margin_right(40)
         .x_label_area_size(45)
         .y_label_area_size(80)
         .build_cartesian_2d((1f64..xmax).log_scale(), 0f64..ymax)
@@ -52,6 +53,7 @@ pub fn latency(path: &str, title: &str, series: &[(String, Vec<(f64, f64)>)]) ->
         .x_desc("percentile")
         .y_desc("latency (µs)")
         .x_label_formatter(&|x| percentile_label(*x))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()
         .map_err(err)?;
     for (i, (name, pts)) in series.iter().map(|s| (&s.0, &s.1)).enumerate() {
@@ -99,6 +101,7 @@ pub fn timeline(path: &str, title: &str, t: &[f64], open: &[u64], rss: Option<&[
     c.configure_mesh()
         .x_desc("seconds")
         .y_desc("open connections")
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()
         .map_err(err)?;
     c.draw_series(LineSeries::new(
