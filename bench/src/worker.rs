@@ -522,13 +522,15 @@ fn broadcast(ctx: &WorkerCtx, a: &BroadcastArgs) -> io::Result<StageResult> {
             ));
         }
     }
+    // Track deliveries from now on: other workers may start publishing (and this worker's
+    // members receiving) before this worker sees the go command.
+    let members: Vec<usize> = (0..eng.conns.len()).filter(|&id| eng.is_open(id)).collect();
+    b.trackers = vec![SeqTracker::new(); eng.conns.len() * a.pubs as usize];
+    let expected_unique = members.len() as u64 * a.pubs * a.msgs;
     ctx.send(RunnerMsg::Ready(0));
     if !ctx.wait_cmd(&mut eng, &mut b, go(0))? {
         return finish(ctx, &mut eng, &mut b);
     }
-    let members: Vec<usize> = (0..eng.conns.len()).filter(|&id| eng.is_open(id)).collect();
-    b.trackers = vec![SeqTracker::new(); eng.conns.len() * a.pubs as usize];
-    let expected_unique = members.len() as u64 * a.pubs * a.msgs;
     let start = mono_ns();
     let cpu0 = thread_cpu_ns();
     b.go_ns = start;
@@ -729,10 +731,8 @@ fn ladder(ctx: &WorkerCtx, a: &LadderArgs) -> io::Result<StageResult> {
                 );
             }
         }
-        ctx.send(RunnerMsg::Ready(stage));
-        if !ctx.wait_cmd(&mut eng, &mut b, go(stage))? {
-            break;
-        }
+        // Ready to count this step's deliveries before saying so: the publisher's worker may
+        // start before this one sees the go command.
         let members: Vec<usize> = (0..eng.conns.len()).filter(|&id| eng.is_open(id)).collect();
         b.bits = vec![None; eng.conns.len()];
         for &id in &members {
@@ -747,6 +747,10 @@ fn ladder(ctx: &WorkerCtx, a: &LadderArgs) -> io::Result<StageResult> {
         b.stale = 0;
         b.corrupt = 0;
         b.next_round = 0;
+        ctx.send(RunnerMsg::Ready(stage));
+        if !ctx.wait_cmd(&mut eng, &mut b, go(stage))? {
+            break;
+        }
         let start = mono_ns();
         let cpu0 = thread_cpu_ns();
         b.go_ns = start;
