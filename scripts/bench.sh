@@ -9,6 +9,7 @@
 #   scripts/bench.sh broadcast --peer uws --split --subs 2000 --pubs 4 --msgs 250
 #   scripts/bench.sh connect --conns 15000 --hold 10
 #   scripts/bench.sh ladder --target ws://10.0.0.5:8080 --steps 1000,2000,5000
+#   scripts/bench.sh echo --peer uws --split --runs 3      # median of 3 against one server
 #
 # `scripts/bench.sh --help` lists the options. Exit status: the load generator's (0 ok,
 # 1 a check failed), 2 for usage errors and limits that cannot hold the run, 3 when the
@@ -43,12 +44,19 @@ CPU placement (taskset):
   --split              server on CPU 0, load generator on CPU 1
   --server-cpus LIST   run the server under taskset -c LIST
   --client-cpus LIST   run the load generator under taskset -c LIST
+Runs:
+  --warmup N           unmeasured runs of the same scenario against the same server first
+                       (default 1, 0 for connect): a fresh server, JIT-compiled ones above
+                       all, is slower on its first run (warmup-K.txt keeps their output)
+  --runs N             measured runs (default 1); with N > 1 each goes to run-K/ and
+                       summary.txt/summary.json give the median, min, max and spread
 Other:
   --path PATH          URL path (default /echo for connect and echo, /ws/bench-<pid> for
                        broadcast and ladder)
   --out DIR            results directory (default bench/results/<date>-<scenario>[-<label>])
   --label NAME         suffix for the default results directory (e.g. uws, megasock-2w)
   --no-build           use the release binaries already in $TARGET_DIR/release
+                       (or in \$BENCH_BIN_DIR if set, e.g. target/debug)
   -h, --help           this text
 
 Before anything starts, the run is refused (exit 2) when the open-file limit or the local
@@ -88,6 +96,8 @@ URL_PATH=""
 OUT=""
 LABEL=""
 BUILD=1
+WARMUP=""
+RUNS=1
 SERVER_ARGS=()
 BENCH_ARGS=()
 USER_SERVER_PID=0
@@ -165,6 +175,16 @@ while [[ $# -gt 0 ]]; do
         BUILD=0
         shift
         ;;
+    --warmup)
+        need_value "$@"
+        WARMUP=$2
+        shift 2
+        ;;
+    --runs)
+        need_value "$@"
+        RUNS=$2
+        shift 2
+        ;;
     --url | --url=* | --json | --json=*)
         die "$1 is set by this script (use --target/--path, and --out for the results directory)"
         ;;
@@ -191,6 +211,11 @@ case $PEER in
 *) die "unknown peer '$PEER' (node-ws or uws)" ;;
 esac
 [[ $WORKERS =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive integer"
+[[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer"
+if [[ -z $WARMUP ]]; then
+    if [[ $SCENARIO == connect ]]; then WARMUP=0; else WARMUP=1; fi
+fi
+[[ $WARMUP =~ ^[0-9]+$ ]] || die "--warmup must be a non-negative integer"
 if [[ -n $TARGET ]]; then
     [[ $TARGET =~ ^ws://[^/]+/?$ ]] || die "--target wants ws://HOST:PORT (the path comes from --path), got '$TARGET'"
     TARGET=${TARGET%/}
@@ -264,8 +289,12 @@ if ((BUILD)); then
         exit 3
     }
 fi
-BENCH_BIN=$TARGET_DIR/release/megasock-bench
-SERVER_BIN=$TARGET_DIR/release/megasock
+# BENCH_BIN_DIR (with --no-build) points at other binaries, e.g. target/debug for tests.
+BIN_DIR=${BENCH_BIN_DIR:-$TARGET_DIR/release}
+((BUILD)) || [[ -z ${BENCH_BIN_DIR:-} ]] || echo "using the binaries in $BIN_DIR" >&2
+((!BUILD)) || BIN_DIR=$TARGET_DIR/release
+BENCH_BIN=$BIN_DIR/megasock-bench
+SERVER_BIN=$BIN_DIR/megasock
 [[ -x $BENCH_BIN ]] || die "$BENCH_BIN is missing (run without --no-build)"
 [[ $SERVER_KIND != megasock || -x $SERVER_BIN ]] || die "$SERVER_BIN is missing (run without --no-build)"
 
@@ -409,11 +438,43 @@ else
 fi
 
 # ------------------------------------------------------------------ load
-bench_cmd=("${client_prefix[@]}" "$BENCH_BIN" "$SCENARIO" --url "$URL" --json "$OUT/$SCENARIO.json" "${SERVER_PID_ARGS[@]}" "${BENCH_ARGS[@]}")
-log_cmd "${bench_cmd[@]}"
+bench_cmd() { # $1 = JSON path or "" (warm-up)
+    local cmd=("${client_prefix[@]}" "$BENCH_BIN" "$SCENARIO" --url "$URL")
+    [[ -z $1 ]] || cmd+=(--json "$1")
+    cmd+=("${SERVER_PID_ARGS[@]}" "${BENCH_ARGS[@]}")
+    printf '%s\0' "${cmd[@]}"
+}
+for ((k = 1; k <= WARMUP; k++)); do
+    mapfile -d '' -t cmd < <(bench_cmd "")
+    log_cmd "${cmd[@]}"
+    echo "warm-up run $k of $WARMUP (output: $OUT/warmup-$k.txt)" >&2
+    wstatus=0
+    "${cmd[@]}" >"$OUT/warmup-$k.txt" 2>&1 || wstatus=$?
+    echo "# warm-up exit status: $wstatus" >>"$COMMANDS"
+    ((wstatus == 0)) || echo "$PROG: warm-up run $k exited with $wstatus (see warmup-$k.txt)" >&2
+done
 status=0
-"${bench_cmd[@]}" | tee "$OUT/summary.txt" || status=${PIPESTATUS[0]}
-echo "# load generator exit status: $status" >>"$COMMANDS"
+reports=()
+for ((k = 1; k <= RUNS; k++)); do
+    dir=$OUT
+    if ((RUNS > 1)); then
+        dir=$OUT/run-$k
+        mkdir -p "$dir"
+        echo "run $k of $RUNS" >&2
+    fi
+    reports+=("$dir/$SCENARIO.json")
+    mapfile -d '' -t cmd < <(bench_cmd "$dir/$SCENARIO.json")
+    log_cmd "${cmd[@]}"
+    rstatus=0
+    "${cmd[@]}" | tee "$dir/summary.txt" || rstatus=${PIPESTATUS[0]}
+    echo "# load generator exit status: $rstatus" >>"$COMMANDS"
+    ((rstatus <= status)) || status=$rstatus
+done
+if ((RUNS > 1)); then
+    summarize=("$BENCH_BIN" summarize --json "$OUT/summary.json" "${reports[@]}")
+    log_cmd "${summarize[@]}"
+    "${summarize[@]}" | tee "$OUT/summary.txt" || true
+fi
 
 stop_server
 echo "results: $OUT" >&2

@@ -18,7 +18,27 @@ reordered or corrupt messages, failed connections...), 2 = could not run (bad op
 )]
 pub struct Cli {
     #[command(subcommand)]
-    pub scenario: Scenario,
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug, Clone, Serialize)]
+#[allow(clippy::large_enum_variant)] // one value, parsed once
+pub enum Command {
+    #[command(flatten)]
+    Run(Scenario),
+    /// Median, minimum, maximum and spread of the headline figures of several JSON reports of
+    /// one scenario (e.g. repeated runs of scripts/bench.sh)
+    Summarize(SummarizeArgs),
+}
+
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct SummarizeArgs {
+    /// JSON reports written by --json (all of the same scenario)
+    #[arg(required = true)]
+    pub reports: Vec<String>,
+    /// Also write the summary as JSON to FILE
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<String>,
 }
 
 #[derive(Subcommand, Debug, Clone, Serialize)]
@@ -30,7 +50,7 @@ pub enum Scenario {
     Echo(EchoArgs),
     /// N members of one room, P of them publishing M messages of B bytes; checks loss, duplicates, order.
     Broadcast(BroadcastArgs),
-    /// Grow one room step by step, broadcasting every --interval-ms; finds the largest room under a latency bound.
+    /// Grow one room step by step, broadcasting every --interval; finds the largest room under a latency bound.
     Ladder(LadderArgs),
 }
 
@@ -245,6 +265,13 @@ mod tests {
     use super::*;
     use clap::CommandFactory;
 
+    fn scenario(c: Cli) -> Scenario {
+        match c.command {
+            Command::Run(s) => s,
+            Command::Summarize(_) => panic!("not a scenario"),
+        }
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration_secs("10s").unwrap(), 10.0);
@@ -279,7 +306,7 @@ mod tests {
             "x.json",
         ])
         .unwrap();
-        assert_eq!(c.scenario.name(), "broadcast");
+        assert_eq!(scenario(c).name(), "broadcast");
         Cli::try_parse_from([
             "megasock-bench",
             "echo",
@@ -323,9 +350,11 @@ mod tests {
             "x.json",
         ])
         .unwrap();
-        match l.scenario {
+        match scenario(l) {
             Scenario::Ladder(a) => assert_eq!(a.steps, vec![1000, 2000, 5000]),
             _ => unreachable!(),
         }
+        let s = Cli::try_parse_from(["megasock-bench", "summarize", "a.json", "b.json"]).unwrap();
+        assert!(matches!(s.command, Command::Summarize(a) if a.reports.len() == 2));
     }
 }

@@ -12,6 +12,7 @@ mod result;
 mod runner;
 mod seqtrack;
 mod srcip;
+mod summary;
 mod util;
 mod worker;
 mod ws;
@@ -27,8 +28,10 @@ use worker::Plan;
 const FD_RESERVE: u64 = 64;
 
 fn main() {
-    let cli = Cli::parse();
-    let sc = cli.scenario;
+    let sc = match Cli::parse().command {
+        cli::Command::Run(sc) => sc,
+        cli::Command::Summarize(a) => std::process::exit(summary::run(&a)),
+    };
     let plan = match make_plan(&sc) {
         Ok(p) => p,
         Err(e) => {
