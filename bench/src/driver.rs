@@ -45,6 +45,8 @@ pub struct StageOutcome {
     pub done_ns: u64,
     pub server_at_ready: Option<ServerSample>,
     pub server_at_done: Option<ServerSample>,
+    /// Resident memory of all client processes once connected (summed).
+    pub loadgen_rss_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -243,8 +245,12 @@ pub fn drive(
                     out.errors.push(m);
                     send_stop(&mut groups, &mut phase, &mut stop_sent_ns);
                 }
-                GroupEvent::Ready { stage: s } if s == stage && phase == Phase::Preparing => {
+                GroupEvent::Ready {
+                    stage: s,
+                    rss_bytes,
+                } if s == stage && phase == Phase::Preparing => {
                     ready[i] = true;
+                    current.loadgen_rss_bytes += rss_bytes;
                     if ready.iter().all(|&r| r) {
                         current.ready_ns = now;
                         current.server_at_ready = server_sample(pid, out.start_ns);

@@ -198,6 +198,7 @@ fn cpu_figures(
             "run_cpu_utilization_per_thread": util,
             format!("{what}_per_cpu_s"): per_s(work, r.cpu_ns),
             "total_cpu_s": secs(out.loadgen_cpu_ns),
+            "rss_bytes_connected": st.loadgen_rss_bytes,
         }),
     );
     let _ = writeln!(
@@ -296,6 +297,22 @@ pub fn connect(sc: &Scenario, a: &ConnectArgs, plan: &Plan, out: &RunOutcome) ->
         "  held {} open for {:.1}s; {} still open at the end",
         r.opened, a.hold, r.open_at_end
     );
+    if let Some(st) = st {
+        m.insert(
+            "loadgen".into(),
+            json!({
+                "rss_bytes_connected": st.loadgen_rss_bytes,
+                "rss_per_conn_bytes": st.loadgen_rss_bytes as f64 / r.opened.max(1) as f64,
+                "total_cpu_s": secs(out.loadgen_cpu_ns),
+            }),
+        );
+        let _ = writeln!(
+            s,
+            "  load generator RSS once connected: {:.1} MiB ({:.0} bytes/connection, including its fixed buffers)",
+            st.loadgen_rss_bytes as f64 / 1048576.0,
+            st.loadgen_rss_bytes as f64 / r.opened.max(1) as f64
+        );
+    }
     m.insert("timeline".into(), json!(out.timeline));
     let hists = vec![
         (

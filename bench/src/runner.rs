@@ -4,7 +4,7 @@
 use crate::cli::Scenario;
 use crate::engine::{Control, Progress};
 use crate::result::StageResult;
-use crate::util::process_cpu_ns;
+use crate::util::{proc_rss_bytes, process_cpu_ns};
 use crate::worker::{run_worker, Plan, WorkerCtx};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -51,8 +51,12 @@ pub enum GroupEvent {
     Progress {
         counters: Counters,
     },
+    /// Every worker of the process is connected for `stage`; `rss_bytes` is the process's
+    /// resident memory at that moment.
     Ready {
         stage: u64,
+        #[serde(default)]
+        rss_bytes: u64,
     },
     Done {
         stage: u64,
@@ -153,7 +157,10 @@ pub fn run_process(
                 let n = ready.entry(s).or_default();
                 *n += 1;
                 if *n == started {
-                    emit(GroupEvent::Ready { stage: s });
+                    emit(GroupEvent::Ready {
+                        stage: s,
+                        rss_bytes: proc_rss_bytes(std::process::id()).unwrap_or(0),
+                    });
                 }
             }
             Ok(RunnerMsg::Done(s, r)) => {
