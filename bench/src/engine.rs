@@ -511,61 +511,79 @@ impl Engine {
             if c.state == State::Closed {
                 break;
             }
+            // A short partial frame left by the previous read goes in front of the new bytes,
+            // so that everything is parsed in place; a long one (a big frame arriving in
+            // pieces) keeps growing in the connection's own buffer.
+            let carried = if !c.inbuf.is_empty() && c.inbuf.len() <= SCRATCH / 4 {
+                let tail = std::mem::take(&mut c.inbuf);
+                scratch[..tail.len()].copy_from_slice(&tail);
+                tail.len()
+            } else {
+                0
+            };
             let Some(stream) = c.stream.as_mut() else {
                 break;
             };
-            match stream.read(&mut scratch) {
+            let n = match stream.read(&mut scratch[carried..]) {
                 Ok(0) => {
                     self.on_eof(id);
                     break;
                 }
-                Ok(n) => {
-                    let now = mono_ns();
-                    if c.inbuf.is_empty() {
-                        match self.process(id, &scratch[..n], b, now) {
-                            Ok(used) => {
-                                let c = &mut self.conns[id];
-                                if used < n && c.state != State::Closed {
-                                    c.inbuf.extend_from_slice(&scratch[used..n]);
-                                }
-                            }
-                            Err(cause) => {
-                                self.protocol_error(id, &cause);
-                                break;
-                            }
-                        }
-                    } else {
-                        c.inbuf.extend_from_slice(&scratch[..n]);
-                        let mut buf = std::mem::take(&mut c.inbuf);
-                        match self.process(id, &buf, b, now) {
-                            Ok(used) => {
-                                let c = &mut self.conns[id];
-                                if c.state != State::Closed {
-                                    buf.drain(..used);
-                                    if buf.is_empty() && buf.capacity() > SCRATCH {
-                                        buf = Vec::new();
-                                    }
-                                    c.inbuf = buf;
-                                }
-                            }
-                            Err(cause) => {
-                                self.protocol_error(id, &cause);
-                                break;
-                            }
+                Ok(n) => n,
+                Err(e) => {
+                    if carried > 0 {
+                        c.inbuf.extend_from_slice(&scratch[..carried]);
+                    }
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock => break,
+                        io::ErrorKind::Interrupted => continue,
+                        _ => {
+                            self.finish(id, &classify(&e));
+                            break;
                         }
                     }
-                    // A short read drained the socket (epoll(7)); a new edge comes with new
-                    // data. After a hang-up, read on until EOF.
-                    if n < scratch.len() && !hup {
+                }
+            };
+            let now = mono_ns();
+            let room = scratch.len() - carried;
+            if c.inbuf.is_empty() {
+                let len = carried + n;
+                match self.process(id, &scratch[..len], b, now) {
+                    Ok(used) => {
+                        let c = &mut self.conns[id];
+                        if used < len && c.state != State::Closed {
+                            c.inbuf.extend_from_slice(&scratch[used..len]);
+                        }
+                    }
+                    Err(cause) => {
+                        self.protocol_error(id, &cause);
                         break;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.finish(id, &classify(&e));
-                    break;
+            } else {
+                c.inbuf.extend_from_slice(&scratch[..n]);
+                let mut buf = std::mem::take(&mut c.inbuf);
+                match self.process(id, &buf, b, now) {
+                    Ok(used) => {
+                        let c = &mut self.conns[id];
+                        if c.state != State::Closed {
+                            buf.drain(..used);
+                            if buf.is_empty() {
+                                buf = Vec::new();
+                            }
+                            c.inbuf = buf;
+                        }
+                    }
+                    Err(cause) => {
+                        self.protocol_error(id, &cause);
+                        break;
+                    }
                 }
+            }
+            // A short read drained the socket (epoll(7)); a new edge comes with new data.
+            // After a hang-up, read on until EOF.
+            if n < room && !hup {
+                break;
             }
         }
         self.scratch = scratch;

@@ -28,14 +28,26 @@ pub fn header_len(text: bool) -> usize {
 }
 
 /// The padding is `a..z` repeated, starting at letter (seq + src) mod 26: byte i of the
-/// padding is `b'a' + (i + seq + src) % 26`. It has period 26, so it is checked and written
-/// 26 bytes at a time against a slice of this table.
-const ALPHA2: &[u8; 52] = b"abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyz";
+/// padding is `b'a' + (i + seq + src) % 26`. It has period 26, so it is written and checked
+/// against slices of this table, PAD_CHUNK bytes (a multiple of 26) at a time.
+const PAD_CHUNK: usize = 26 * 157;
+static PAD_TABLE: [u8; PAD_CHUNK + 26] = pad_table();
 
+const fn pad_table() -> [u8; PAD_CHUNK + 26] {
+    let mut t = [0u8; PAD_CHUNK + 26];
+    let mut i = 0;
+    while i < t.len() {
+        t[i] = b'a' + (i % 26) as u8;
+        i += 1;
+    }
+    t
+}
+
+/// The padding pattern for this header, good for up to PAD_CHUNK bytes.
 #[inline]
-fn pad_cycle(h: &Header) -> &'static [u8] {
+fn pad_pattern(h: &Header) -> &'static [u8] {
     let k = (h.seq.wrapping_add(h.src) % 26) as usize;
-    &ALPHA2[k..k + 26]
+    &PAD_TABLE[k..k + PAD_CHUNK]
 }
 
 /// Fill `buf` (its whole length is the payload) with header + padding.
@@ -54,9 +66,9 @@ pub fn write(buf: &mut [u8], h: &Header, text: bool) {
         buf[12..16].copy_from_slice(&h.seq.to_le_bytes());
         buf[16..24].copy_from_slice(&h.send_ns.to_le_bytes());
     }
-    let cycle = pad_cycle(h);
-    for chunk in buf[hl..].chunks_mut(26) {
-        chunk.copy_from_slice(&cycle[..chunk.len()]);
+    let pattern = pad_pattern(h);
+    for chunk in buf[hl..].chunks_mut(PAD_CHUNK) {
+        chunk.copy_from_slice(&pattern[..chunk.len()]);
     }
 }
 
@@ -82,8 +94,11 @@ pub fn read(buf: &[u8], text: bool) -> Option<Header> {
             send_ns: u64::from_le_bytes(buf[16..24].try_into().ok()?),
         }
     };
-    let cycle = pad_cycle(&h);
-    if buf[hl..].chunks(26).all(|c| c == &cycle[..c.len()]) {
+    let pattern = pad_pattern(&h);
+    if buf[hl..]
+        .chunks(PAD_CHUNK)
+        .all(|c| c == &pattern[..c.len()])
+    {
         Some(h)
     } else {
         None
@@ -139,7 +154,7 @@ mod tests {
             send_ns: 0x0123_4567_89ab_cdef,
         };
         for text in [false, true] {
-            for len in [header_len(text), 64, 1000] {
+            for len in [header_len(text), 64, 1000, 3 * PAD_CHUNK + 7] {
                 let mut b = vec![0u8; len];
                 write(&mut b, &h, text);
                 assert_eq!(read(&b, text), Some(h));

@@ -237,7 +237,27 @@ pub struct FrameInfo {
 }
 
 /// Parse the frame header at the start of `buf`. Ok(None): incomplete header.
+#[inline]
 pub fn parse_frame_header(buf: &[u8]) -> Result<Option<FrameInfo>, String> {
+    // The usual server frame (unmasked, RSV clear, known opcode, payload under 126 bytes) has
+    // a 2-byte header: decoded here directly; anything else goes to tungstenite's parser.
+    if let [b0, b1, ..] = *buf {
+        let op = b0 & 0x0f;
+        if b0 & 0x70 == 0 && b1 & 0x80 == 0 && b1 < 126 && matches!(op, 0 | 1 | 2 | 8 | 9 | 10) {
+            return Ok(Some(FrameInfo {
+                fin: b0 & 0x80 != 0,
+                opcode: op,
+                masked: false,
+                rsv: false,
+                header_len: 2,
+                payload_len: u64::from(b1),
+            }));
+        }
+    }
+    parse_frame_header_full(buf)
+}
+
+fn parse_frame_header_full(buf: &[u8]) -> Result<Option<FrameInfo>, String> {
     let mut cur = Cursor::new(buf);
     match FrameHeader::parse(&mut cur) {
         Ok(Some((h, len))) => Ok(Some(FrameInfo {
@@ -296,6 +316,44 @@ mod tests {
         let req = String::from_utf8(req).unwrap();
         assert!(req.starts_with("GET /ws/room1 HTTP/1.1\r\nHost: 127.0.0.1:9001\r\n"));
         assert!(req.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn fast_header_path_agrees_with_tungstenite() {
+        for b0 in 0..=255u8 {
+            for b1 in 0..=255u8 {
+                let buf = [b0, b1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                for len in [2, buf.len()] {
+                    let fast = parse_frame_header(&buf[..len]);
+                    let full = parse_frame_header_full(&buf[..len]);
+                    match (fast, full) {
+                        (Ok(Some(a)), Ok(Some(b))) => {
+                            assert_eq!(
+                                (
+                                    a.fin,
+                                    a.opcode,
+                                    a.masked,
+                                    a.rsv,
+                                    a.header_len,
+                                    a.payload_len
+                                ),
+                                (
+                                    b.fin,
+                                    b.opcode,
+                                    b.masked,
+                                    b.rsv,
+                                    b.header_len,
+                                    b.payload_len
+                                ),
+                                "{b0:#x} {b1:#x}"
+                            );
+                        }
+                        (Ok(None), Ok(None)) | (Err(_), Err(_)) => {}
+                        (a, b) => panic!("{b0:#x} {b1:#x} len {len}: fast {a:?} full {b:?}"),
+                    }
+                }
+            }
+        }
     }
 
     #[test]

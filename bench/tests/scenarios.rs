@@ -46,6 +46,10 @@ struct Server {
 
 impl Server {
     fn start(name: &str, workers: u32) -> Server {
+        Server::start_with(name, workers, &[])
+    }
+
+    fn start_with(name: &str, workers: u32, extra: &[&str]) -> Server {
         let dir = scratch_dir(name);
         let ready = dir.join("server.ready");
         let log = std::fs::File::create(dir.join("server.log")).unwrap();
@@ -59,6 +63,7 @@ impl Server {
                 "--ready-file",
             ])
             .arg(&ready)
+            .args(extra)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -321,6 +326,56 @@ fn echo_checks_every_round_trip() {
         ],
     );
     assert_eq!(r.ok()["mismatched"], 0);
+}
+
+#[test]
+fn large_messages_arrive_in_pieces_and_are_reassembled() {
+    // 200 KB frames take several reads each (the 64 KiB read buffer, then the connection's own).
+    let s = Server::start_with(
+        "large",
+        2,
+        &["--max-message-size", "1MiB", "--max-backpressure", "16MiB"],
+    );
+    let r = bench(
+        "large-echo",
+        &[
+            "echo",
+            "--url",
+            &s.url("/echo"),
+            "--conns",
+            "4",
+            "--inflight",
+            "2",
+            "--secs",
+            "0.5",
+            "--size",
+            "200000",
+            "--no-plots",
+        ],
+    );
+    let j = r.ok();
+    assert!(f(&j["round_trips"]) > 0.0);
+    assert_eq!(j["mismatched"], 0);
+    let r = bench(
+        "large-bcast",
+        &[
+            "broadcast",
+            "--url",
+            &s.url("/ws/it-large"),
+            "--subs",
+            "20",
+            "--pubs",
+            "2",
+            "--msgs",
+            "10",
+            "--size",
+            "200000",
+            "--no-plots",
+        ],
+    );
+    let j = r.ok();
+    assert_eq!(j["deliveries"], 20 * 2 * 10);
+    assert_eq!(j["lost"], 0);
 }
 
 #[test]
