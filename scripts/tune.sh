@@ -8,7 +8,7 @@ set -euo pipefail
 # megasock's own user-space memory per idle connection. Comes from docs/PERFORMANCE.md's
 # idle-memory measurement (server RSS growth per idle connection); update it when that
 # measurement changes. `megasock plan` must use the same number.
-MEGASOCK_CONN_BYTES=512
+MEGASOCK_CONN_BYTES=128
 # Kernel slab per idle ESTABLISHED socket, measured on Linux 6.18 (TCP sock 2368 + sock_inode
 # 832 + filp 192 + dentry 192 + LSM blobs + bind bucket share; no skb while idle).
 KERNEL_SOCK_BYTES=3907

@@ -19,10 +19,10 @@ pub const EPOLL_WATCH_BYTES: u64 = 216;
 pub const FD_SLOT_BYTES: u64 = 8;
 /// megasock's own memory per idle connection (RSS growth, measured with
 /// `scripts/bench.sh connect`; see docs/PERFORMANCE.md). Kept in step with scripts/tune.sh.
-pub const MEGASOCK_CONN_BYTES: u64 = 512;
+pub const MEGASOCK_CONN_BYTES: u64 = 128;
 /// Server CPU per delivered 64-byte message (one recipient), measured in the broadcast
 /// benchmark; used to estimate cores for a message rate.
-pub const NS_PER_DELIVERY: u64 = 100;
+pub const NS_PER_DELIVERY: u64 = 25;
 
 #[derive(Debug, Clone, Args)]
 pub struct PlanArgs {
@@ -246,8 +246,8 @@ mod tests {
         };
         let p = compute(&a, 4096, 4096);
         // The figures scripts/tune.sh check prints for the same N (see its test suite).
-        assert_eq!(p.idle_bytes, 4_643_000_000);
-        assert_eq!(p.busy_bytes, 12_835_000_000);
+        assert_eq!(p.idle_bytes, 4_259_000_000);
+        assert_eq!(p.busy_bytes, 12_451_000_000);
         assert_eq!(p.nofile, 1_101_024);
         assert_eq!(p.deliveries_per_s, 10_000);
         assert_eq!(p.egress_bytes_per_s, 660_000);

@@ -89,7 +89,24 @@ pub fn run(a: &SummarizeArgs) -> i32 {
         "{:<44} {:>14} {:>14} {:>14} {:>8}",
         "figure", "median", "min", "max", "spread"
     );
-    for ptr in metrics(&scenario) {
+    let mut figures: Vec<(String, String)> = metrics(&scenario)
+        .iter()
+        .map(|p| (p.to_string(), p.trim_start_matches('/').replace('/', ".")))
+        .collect();
+    if scenario == "ladder" {
+        // Time until the last member has the message, per room size.
+        let steps = docs[0]["steps"].as_array().cloned().unwrap_or_default();
+        for (i, step) in steps.iter().enumerate() {
+            let members = step["members"].as_u64().unwrap_or(0);
+            for q in ["p50", "p95"] {
+                figures.push((
+                    format!("/steps/{i}/last_member_ms/{q}"),
+                    format!("members_{members}.last_member_ms.{q}"),
+                ));
+            }
+        }
+    }
+    for (ptr, name) in &figures {
         let vals: Vec<f64> = docs
             .iter()
             .filter_map(|d| d.pointer(ptr).and_then(Value::as_f64))
@@ -105,11 +122,10 @@ pub fn run(a: &SummarizeArgs) -> i32 {
         } else {
             0.0
         };
-        let name = ptr.trim_start_matches('/').replace('/', ".");
         let d = if max.abs() < 100.0 { 3 } else { 1 };
         println!("{name:<44} {med:>14.d$} {min:>14.d$} {max:>14.d$} {spread:>7.1}%");
         out.insert(
-            name,
+            name.clone(),
             json!({"median": med, "min": min, "max": max, "spread_pct": spread, "values": vals}),
         );
     }
