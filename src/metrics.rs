@@ -126,6 +126,10 @@ pub struct WorkerStats {
     pub publisher_pauses: AtomicU64,
     pub wakeups_sent: AtomicU64,
     pub pings_sent: AtomicU64,
+    /// Loop turn durations over the last second (microseconds).
+    pub turn_p50_us: AtomicU64,
+    pub turn_p99_us: AtomicU64,
+    pub turn_max_us: AtomicU64,
     pub disconnects: [AtomicU64; Disconnect::ALL.len()],
     pub dropped: [AtomicU64; DropReason::ALL.len()],
     pub http: [AtomicU64; HTTP_STATUSES.len()],
@@ -184,6 +188,23 @@ impl Metrics {
                 "megasock_connections{{worker=\"{i}\"}} {}",
                 w.connections.load(Relaxed)
             );
+        }
+        out.push_str(
+            "# HELP megasock_loop_turn_microseconds Event-loop turn durations over the last second.\n",
+        );
+        out.push_str("# TYPE megasock_loop_turn_microseconds gauge\n");
+        for (i, w) in self.workers.iter().enumerate() {
+            for (q, v) in [
+                ("0.5", &w.turn_p50_us),
+                ("0.99", &w.turn_p99_us),
+                ("1", &w.turn_max_us),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "megasock_loop_turn_microseconds{{worker=\"{i}\",quantile=\"{q}\"}} {}",
+                    v.load(Relaxed)
+                );
+            }
         }
         let counters: [(&str, &str, Field); 14] = [
             ("accepted_total", "Sockets accepted.", |w| &w.accepted),

@@ -136,6 +136,38 @@ impl Tally {
     }
 }
 
+/// How long the loop's turns take (the time from waking up to polling again): a worker whose
+/// turns grow long is late for every connection it holds. Recorded in a histogram and
+/// published as quantiles about once a second.
+struct TurnTimes {
+    hist: hdrhistogram::Histogram<u64>,
+    published_at: u32,
+}
+
+impl TurnTimes {
+    fn new() -> TurnTimes {
+        TurnTimes {
+            hist: hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2)
+                .expect("static histogram bounds are valid"),
+            published_at: 0,
+        }
+    }
+
+    fn record(&mut self, turn: Duration, now: u32, s: &WorkerStats) {
+        self.hist.saturating_record(turn.as_micros().max(1) as u64);
+        if now >= self.published_at + ticks_of(Duration::from_secs(1)) {
+            self.published_at = now;
+            let h = &self.hist;
+            s.turn_p50_us
+                .store(h.value_at_quantile(0.5), Ordering::Relaxed);
+            s.turn_p99_us
+                .store(h.value_at_quantile(0.99), Ordering::Relaxed);
+            s.turn_max_us.store(h.max(), Ordering::Relaxed);
+            self.hist.reset();
+        }
+    }
+}
+
 /// Ticks derived from the configuration.
 struct Ticks {
     handshake: u32,
@@ -167,6 +199,7 @@ pub struct Worker {
     stash_hint: usize,
     /// Rooms with frames published this turn.
     pending_rooms: Vec<u32>,
+    turns: TurnTimes,
     /// Echo frames of the connection being read (see `flush_echoes`).
     echoes: BytesMut,
     echo_messages: u32,
@@ -219,6 +252,7 @@ impl Worker {
             draining_until: None,
             stash_hint: 0,
             pending_rooms: Vec::new(),
+            turns: TurnTimes::new(),
             echoes: BytesMut::new(),
             echo_messages: 0,
             tally: Tally::default(),
@@ -253,7 +287,8 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
-            self.now = (self.start.elapsed().as_nanos() / TICK.as_nanos()) as u32;
+            let woke = Instant::now();
+            self.now = ((woke - self.start).as_nanos() / TICK.as_nanos()) as u32;
 
             for ev in events.iter() {
                 let t = ev.token();
@@ -301,6 +336,11 @@ impl Worker {
             }
             self.flush_dirty();
             self.tally.publish(&self.shared.metrics.workers[self.id]);
+            self.turns.record(
+                woke.elapsed(),
+                self.now,
+                &self.shared.metrics.workers[self.id],
+            );
             if let Some(until) = self.draining_until {
                 if self.conns.is_empty() {
                     return Ok(());

@@ -84,6 +84,12 @@ fn quiet_connections_are_pinged_and_idle_ones_closed() {
         1
     );
     assert!(srv.metric("megasock_pings_sent_total") >= 3);
+    // The loop-lag gauge is published once a second from the worker's turn histogram.
+    srv.wait_metric(
+        "megasock_loop_turn_microseconds{worker=\"0\",quantile=\"1\"}",
+        5,
+        |v| v > 0,
+    );
 }
 
 #[test]
