@@ -483,3 +483,13 @@ fn wait_for_file(path: &std::path::Path) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn shipped_config_file_is_valid() {
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/megasock.toml");
+    // The test's own --listen/--metrics-listen/--workers flags win over the file's.
+    let srv = ServerProc::start(&["--config", cfg, "--workers", "1"]);
+    let mut c = Client::connect(srv.ws, "/ws/deploy");
+    c.send_text("configured");
+    assert_eq!(c.recv().payload, b"configured");
+}
