@@ -146,69 +146,77 @@ pub fn unmask_from(buf: &mut [u8], m: [u8; 4], offset: usize) {
     );
 }
 
+/// Validates UTF-8 arriving in pieces of any size (fragments, or a frame's bytes as they come
+/// off the socket): an invalid byte is reported in the piece that holds it, and only the up
+/// to three bytes of a character split between pieces are kept.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Utf8Stream {
+    pending: [u8; 4],
+    len: u8,
+}
+
+impl Utf8Stream {
+    /// Feeds the next piece; false on a definite error.
+    pub fn feed(&mut self, mut piece: &[u8]) -> bool {
+        // Finish a character split across pieces, one byte at a time (at most 3).
+        while self.len > 0 {
+            let Some((&b, rest)) = piece.split_first() else {
+                return true; // still incomplete; wait for more
+            };
+            self.pending[self.len as usize] = b;
+            self.len += 1;
+            piece = rest;
+            match simdutf8::compat::from_utf8(&self.pending[..self.len as usize]) {
+                Ok(_) => self.len = 0,
+                Err(e) if e.error_len().is_some() || self.len == 4 => return false,
+                Err(_) => {}
+            }
+        }
+        match simdutf8::compat::from_utf8(piece) {
+            Ok(_) => true,
+            Err(e) if e.error_len().is_some() => false,
+            Err(e) => {
+                // An incomplete character at the end: keep it for the next piece.
+                let tail = &piece[e.valid_up_to()..];
+                self.pending[..tail.len()].copy_from_slice(tail);
+                self.len = tail.len() as u8;
+                true
+            }
+        }
+    }
+
+    /// True if the text so far ends on a character boundary.
+    pub fn is_complete(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// Progress through a text frame whose payload has not fully arrived.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PartialText {
-    /// Payload bytes already unmasked in place.
+    /// Payload bytes already unmasked in place (and checked).
     pub unmasked: u32,
-    /// Of those, the bytes known to end on a character boundary.
-    pub valid_up_to: u32,
+    /// The UTF-8 state after them.
+    pub utf8: Utf8Stream,
 }
 
-/// Unmasks and checks the payload bytes of a partial text frame that arrived since `done`,
-/// so invalid UTF-8 fails the connection before the rest of the frame arrives.
+/// Unmasks and checks the payload bytes of a partial text frame (or text continuation) that
+/// arrived since `done`, so invalid UTF-8 fails the connection before the rest arrives.
 pub fn check_partial_text(
     available: &mut [u8],
     mask: [u8; 4],
-    done: PartialText,
+    mut done: PartialText,
 ) -> Result<PartialText, Violation> {
     let from = done.unmasked as usize;
     unmask_from(&mut available[from..], mask, from);
-    let mut progress = Utf8Progress {
-        valid_up_to: done.valid_up_to as usize,
-    };
-    if !progress.feed(available) {
+    if !done.utf8.feed(&available[from..]) {
         return Err(Violation {
             code: CLOSE_INVALID_DATA,
             reason: "text is not valid UTF-8",
         });
     }
-    Ok(PartialText {
-        unmasked: available.len() as u32,
-        valid_up_to: progress.valid_up_to as u32,
-    })
-}
-
-/// Checks text arriving in pieces: the whole of a message must be UTF-8, and an invalid byte is
-/// reported as soon as the piece holding it arrives. Only the position validated so far is kept.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Utf8Progress {
-    /// Bytes of the message known to end on a character boundary.
-    pub valid_up_to: usize,
-}
-
-impl Utf8Progress {
-    /// `message` is everything received so far; returns false on a definite error.
-    pub fn feed(&mut self, message: &[u8]) -> bool {
-        match simdutf8::compat::from_utf8(&message[self.valid_up_to..]) {
-            Ok(_) => {
-                self.valid_up_to = message.len();
-                true
-            }
-            Err(e) => match e.error_len() {
-                Some(_) => false,
-                None => {
-                    // An incomplete character at the end: fine unless it is the final piece.
-                    self.valid_up_to += e.valid_up_to();
-                    true
-                }
-            },
-        }
-    }
-
-    pub fn complete(&self, message: &[u8]) -> bool {
-        self.valid_up_to == message.len()
-    }
+    done.unmasked = available.len() as u32;
+    Ok(done)
 }
 
 /// Checks a close frame's payload. Returns the code to echo (None for an empty payload).
@@ -388,18 +396,37 @@ mod tests {
     }
 
     #[test]
-    fn utf8_split_across_pieces() {
-        let euro = "€".as_bytes(); // 3 bytes
-        let mut msg = b"ab".to_vec();
-        let mut p = Utf8Progress::default();
-        msg.push(euro[0]);
-        assert!(p.feed(&msg));
-        assert!(!p.complete(&msg));
-        msg.extend_from_slice(&euro[1..]);
-        assert!(p.feed(&msg));
-        assert!(p.complete(&msg));
-        msg.push(0xff);
-        assert!(!p.feed(&msg), "invalid byte fails at once");
+    fn utf8_stream_any_split() {
+        let text = "a€b𝄞c ünïcødé".as_bytes();
+        // Every way of cutting the text in two, and byte by byte.
+        for cut in 0..=text.len() {
+            let mut s = Utf8Stream::default();
+            assert!(s.feed(&text[..cut]) && s.feed(&text[cut..]), "cut {cut}");
+            assert!(s.is_complete());
+        }
+        let mut s = Utf8Stream::default();
+        for b in text {
+            assert!(s.feed(std::slice::from_ref(b)));
+        }
+        assert!(s.is_complete());
+        // A truncated character is incomplete; a bad continuation fails in its own piece.
+        let mut s = Utf8Stream::default();
+        assert!(s.feed(&"€".as_bytes()[..2]));
+        assert!(!s.is_complete());
+        assert!(!s.feed(b"x"), "E2 82 then x is invalid");
+        let mut s = Utf8Stream::default();
+        assert!(s.feed(b"ok"));
+        assert!(!s.feed(&[0xff]));
+        // Surrogates, overlongs and code points past U+10FFFF are invalid even when split.
+        for bad in [
+            &[0xed, 0xa0, 0x80][..],
+            &[0xc0, 0xaf],
+            &[0xf4, 0x90, 0x80, 0x80],
+        ] {
+            let mut s = Utf8Stream::default();
+            let ok = s.feed(&bad[..1]) && s.feed(&bad[1..]);
+            assert!(!ok, "{bad:x?}");
+        }
     }
 
     #[test]

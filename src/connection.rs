@@ -22,7 +22,7 @@
 use bytes::Bytes;
 use mio::net::TcpStream;
 
-use crate::codec::{self, Kind, Utf8Progress};
+use crate::codec::{self, Kind, Utf8Stream};
 use crate::outbox::Outbox;
 use crate::room_index::Membership;
 
@@ -47,6 +47,8 @@ pub mod flags {
     pub const FIN_SENT: u8 = 1 << 3;
     /// Readable but not read yet (read budget spent, or publishers paused).
     pub const IN_BACKLOG: u8 = 1 << 4;
+    /// The client closed its side; drop the connection once its output is written.
+    pub const PEER_EOF: u8 = 1 << 5;
 }
 
 /// Bytes kept between reads. Allocated only while needed.
@@ -63,7 +65,7 @@ pub struct Inbound {
 pub struct Fragments {
     pub kind: Kind,
     pub data: Vec<u8>,
-    pub utf8: Utf8Progress,
+    pub utf8: Utf8Stream,
 }
 
 impl Inbound {

@@ -36,14 +36,12 @@ pub enum Disconnect {
     HttpRejected,
     /// Over `--max-connections`: answered 503.
     OverCapacity,
-    /// The server sent close and the client did not answer within `--close-timeout`.
-    CloseTimeout,
     /// The server was shutting down (close 1001).
     Shutdown,
 }
 
 impl Disconnect {
-    pub const ALL: [Disconnect; 13] = [
+    pub const ALL: [Disconnect; 12] = [
         Disconnect::ClientClose,
         Disconnect::PeerGone,
         Disconnect::IoError,
@@ -55,7 +53,6 @@ impl Disconnect {
         Disconnect::HandshakeTimeout,
         Disconnect::HttpRejected,
         Disconnect::OverCapacity,
-        Disconnect::CloseTimeout,
         Disconnect::Shutdown,
     ];
 
@@ -72,7 +69,6 @@ impl Disconnect {
             Disconnect::HandshakeTimeout => "handshake_timeout",
             Disconnect::HttpRejected => "http_rejected",
             Disconnect::OverCapacity => "over_capacity",
-            Disconnect::CloseTimeout => "close_timeout",
             Disconnect::Shutdown => "shutdown",
         }
     }
@@ -223,8 +219,8 @@ impl Metrics {
                 &w.bytes_in
             }),
             (
-                "frames_sent_total",
-                "Frames queued for a recipient and written.",
+                "messages_sent_total",
+                "Messages written to recipients (one per recipient).",
                 |w| &w.frames_out,
             ),
             ("bytes_sent_total", "Bytes written to sockets.", |w| {

@@ -80,12 +80,14 @@ impl Outbox {
         dropped
     }
 
-    /// Writes as much as the kernel takes. `writes` and `bytes` count syscalls and bytes.
+    /// Writes as much as the kernel takes. `writes`, `bytes` and `messages` count syscalls,
+    /// bytes, and data messages fully handed to the kernel.
     pub fn flush<W: Write>(
         &mut self,
         w: &mut W,
         writes: &mut u64,
         bytes: &mut u64,
+        messages: &mut u64,
     ) -> io::Result<Flushed> {
         while !self.frames.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
@@ -104,25 +106,28 @@ impl Outbox {
                 Err(e) => return Err(e),
             };
             *bytes += written as u64;
-            self.consume(written);
+            *messages += self.consume(written);
         }
         self.release();
         Ok(Flushed::All)
     }
 
-    fn consume(&mut self, mut written: usize) {
+    /// Drops what the kernel took; returns the messages of the chunks it finished.
+    fn consume(&mut self, mut written: usize) -> u64 {
         self.queued -= written as u32;
+        let mut finished = 0;
         while written > 0 {
             let front_left = self.frames[0].bytes.len() - self.head_offset as usize;
             if written >= front_left {
                 written -= front_left;
-                self.frames.pop_front();
+                finished += self.frames.pop_front().map_or(0, |c| c.messages as u64);
                 self.head_offset = 0;
             } else {
                 self.head_offset += written as u32;
                 written = 0;
             }
         }
+        finished
     }
 
     /// Frees the queue's storage so an idle connection holds no heap.
@@ -169,11 +174,17 @@ mod tests {
             out: vec![],
             budget: 8,
         };
-        let (mut s, mut b) = (0, 0);
-        assert_eq!(o.flush(&mut w, &mut s, &mut b).unwrap(), Flushed::Blocked);
+        let (mut s, mut b, mut m) = (0, 0, 0);
+        assert_eq!(
+            o.flush(&mut w, &mut s, &mut b, &mut m).unwrap(),
+            Flushed::Blocked
+        );
         assert_eq!(o.queued(), 16 - 8);
         w.budget = 100;
-        assert_eq!(o.flush(&mut w, &mut s, &mut b).unwrap(), Flushed::All);
+        assert_eq!(
+            o.flush(&mut w, &mut s, &mut b, &mut m).unwrap(),
+            Flushed::All
+        );
         assert_eq!(w.out, b"hello wide world");
         assert_eq!(o.queued(), 0);
         assert_eq!(o.frames.capacity(), 0, "storage released when empty");
@@ -191,12 +202,12 @@ mod tests {
             out: vec![],
             budget: 4,
         };
-        let (mut s, mut b) = (0, 0);
-        o.flush(&mut w, &mut s, &mut b).unwrap();
+        let (mut s, mut b, mut m) = (0, 0, 0);
+        o.flush(&mut w, &mut s, &mut b, &mut m).unwrap();
         assert_eq!(o.discard_unstarted(), 3);
         assert_eq!(o.queued(), 6);
         w.budget = 100;
-        o.flush(&mut w, &mut s, &mut b).unwrap();
+        o.flush(&mut w, &mut s, &mut b, &mut m).unwrap();
         assert_eq!(w.out, b"0123456789");
     }
 }

@@ -342,7 +342,8 @@ impl Worker {
                 &self.shared.metrics.workers[self.id],
             );
             if let Some(until) = self.draining_until {
-                if self.conns.is_empty() {
+                // Done when every client is gone and nothing waits for another worker's ring.
+                if self.conns.is_empty() && !self.bus.is_backed_up() {
                     return Ok(());
                 }
                 if self.now >= until {
@@ -357,7 +358,17 @@ impl Worker {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.dirty.is_empty() || (!self.backlog.is_empty() && !self.bus.is_backed_up()) {
+        let backlog_ready = if self.bus.is_backed_up() {
+            // Only connections waiting for their read budget may go on; publishers wait.
+            self.backlog.iter().any(|&(k, _)| {
+                self.conns
+                    .get(k as usize)
+                    .is_some_and(|c| c.membership().is_none())
+            })
+        } else {
+            !self.backlog.is_empty()
+        };
+        if !self.dirty.is_empty() || backlog_ready {
             return Some(Duration::ZERO);
         }
         if self.bus.is_backed_up() {
@@ -429,6 +440,7 @@ impl Worker {
             ) {
                 log::warn!("worker {}: register failed: {e}", self.id);
                 self.shared.sockets.fetch_sub(1, Ordering::Relaxed);
+                self.shared.metrics.workers[self.id].disconnect(Disconnect::IoError);
                 continue;
             }
             entry.insert(conn);
@@ -615,11 +627,12 @@ impl Worker {
                 return buf.len();
             }
             let closing = conn.state == State::Closing;
-            let in_progress = inbound
-                .as_ref()
-                .and_then(|ib| ib.fragments.as_ref())
-                .map_or(0, |f| f.data.len());
-            let header = match codec::parse_header(&buf[pos..], max_message - in_progress) {
+            let fragments = inbound.as_ref().and_then(|ib| ib.fragments.as_ref());
+            let in_progress = fragments.map_or(0, |f| f.data.len());
+            let text_in_progress = fragments.map(|f| (f.kind == Kind::Text, f.utf8));
+            let parsed = codec::parse_header(&buf[pos..], max_message - in_progress)
+                .and_then(|p| check_sequence(p, text_in_progress.is_some()));
+            let header = match parsed {
                 Ok(Parsed::NeedMore) => break,
                 Ok(Parsed::Frame(h)) => h,
                 Err(_) if closing => {
@@ -627,6 +640,7 @@ impl Worker {
                     return buf.len();
                 }
                 Err(v) => {
+                    clear_fragments(inbound);
                     self.violate(key, v);
                     return buf.len();
                 }
@@ -645,18 +659,27 @@ impl Worker {
                 // Partial frame: the stash is sized for it once instead of growing per read.
                 self.stash_hint = total;
                 let available = &mut buf[pos + header.header_len..];
-                let partial = if header.kind == Kind::Text && !closing {
-                    // Fail fast: check the text received so far instead of waiting for the
-                    // whole frame (Autobahn 6.4.3/6.4.4).
-                    match codec::check_partial_text(available, header.mask, resume) {
+                // Fail fast: check the text received so far instead of waiting for the whole
+                // frame (Autobahn 6.4.3/6.4.4), continuing from the message's UTF-8 state.
+                let start = match (header.kind, text_in_progress) {
+                    _ if closing => None,
+                    (Kind::Text, None) => Some(resume),
+                    (Kind::Continuation, Some((true, utf8))) if resume.unmasked == 0 => {
+                        Some(codec::PartialText { unmasked: 0, utf8 })
+                    }
+                    (Kind::Continuation, Some((true, _))) => Some(resume),
+                    _ => None,
+                };
+                let partial = match start {
+                    None => resume,
+                    Some(done) => match codec::check_partial_text(available, header.mask, done) {
                         Ok(p) => p,
                         Err(v) => {
+                            clear_fragments(inbound);
                             self.violate(key, v);
                             return buf.len();
                         }
-                    }
-                } else {
-                    resume
+                    },
                 };
                 inbound.get_or_insert_with(Box::default).partial = partial;
                 break;
@@ -666,6 +689,7 @@ impl Worker {
             codec::unmask_from(&mut payload[done..], header.mask, done);
             pos += total;
             if let Err(v) = self.on_frame(key, header.kind, header.fin, payload, inbound) {
+                clear_fragments(inbound);
                 if self
                     .conns
                     .get(key as usize)
@@ -705,6 +729,7 @@ impl Worker {
                 let code = codec::check_close_payload(payload)?;
                 let now = self.now;
                 if state == State::Open {
+                    self.flush_own_output(key);
                     self.stats().disconnect(Disconnect::ClientClose);
                     // Echo the code (RFC 6455 5.5.1); an empty close is answered empty.
                     let reply = match code {
@@ -740,7 +765,7 @@ impl Worker {
                         data: payload.to_vec(),
                         utf8: Default::default(),
                     };
-                    if kind == Kind::Text && !f.utf8.feed(&f.data) {
+                    if kind == Kind::Text && !f.utf8.feed(payload) {
                         return Err(invalid_utf8());
                     }
                     inbound.get_or_insert_with(Box::default).fragments = Some(f);
@@ -751,7 +776,7 @@ impl Worker {
                     return Err(Violation::protocol("continuation without a message"));
                 };
                 f.data.extend_from_slice(payload);
-                if f.kind == Kind::Text && !f.utf8.feed(&f.data) {
+                if f.kind == Kind::Text && !f.utf8.feed(payload) {
                     return Err(invalid_utf8());
                 }
                 if fin {
@@ -759,7 +784,7 @@ impl Worker {
                         .as_mut()
                         .and_then(|ib| ib.fragments.take())
                         .expect("checked above");
-                    if f.kind == Kind::Text && !f.utf8.complete(&f.data) {
+                    if f.kind == Kind::Text && !f.utf8.is_complete() {
                         return Err(invalid_utf8());
                     }
                     if state == State::Open {
@@ -809,6 +834,15 @@ impl Worker {
         }
     }
 
+    /// Sends what this connection published or asked echoed so far, before anything that
+    /// ends its Open state (its own messages must still reach it and its room).
+    fn flush_own_output(&mut self, key: u32) {
+        self.flush_echoes(key);
+        if let Some(m) = self.conns.get(key as usize).and_then(|c| c.membership()) {
+            self.flush_room_batch(m.room);
+        }
+    }
+
     fn flush_batches(&mut self) {
         let mut rooms = std::mem::take(&mut self.pending_rooms);
         for &room in &rooms {
@@ -836,7 +870,8 @@ impl Worker {
             let member = self.rooms.get(room).members[i];
             self.enqueue(member, frames.clone(), messages);
         }
-        let (mut ring, mut overflow) = (0, 0);
+        let (mut ring, mut overflow) = (0u64, 0u64);
+        let was_backed_up = self.bus.is_backed_up();
         let bus = &mut self.bus;
         shared.for_each_other_worker(self.id, |w| {
             let d = Delivery {
@@ -850,9 +885,12 @@ impl Worker {
             }
         });
         let stats = &self.shared.metrics.workers[self.id];
-        WorkerStats::add(&stats.bus_sent, ring + overflow);
+        let messages = messages as u64;
+        WorkerStats::add(&stats.bus_sent, (ring + overflow) * messages);
         if overflow > 0 {
-            WorkerStats::add(&stats.bus_overflowed, overflow);
+            WorkerStats::add(&stats.bus_overflowed, overflow * messages);
+        }
+        if !was_backed_up && self.bus.is_backed_up() {
             WorkerStats::add(&stats.publisher_pauses, 1);
         }
     }
@@ -904,7 +942,6 @@ impl Worker {
             self.schedule(key, now + self.ticks.close);
         } else {
             conn.outbox.push_chunk(Chunk { bytes, messages });
-            self.tally.frames_out += messages as u64;
         }
         self.mark_dirty(key);
     }
@@ -935,21 +972,25 @@ impl Worker {
 
     /// Writes a connection's queue; on a full socket waits for writable readiness.
     fn flush(&mut self, key: u32) {
-        let stats = &self.shared.metrics.workers[self.id];
         let conn = &mut self.conns[key as usize];
-        let (mut writes, mut bytes) = (0, 0);
-        let res = conn
-            .outbox
-            .flush(&mut &conn.stream, &mut writes, &mut bytes);
-        WorkerStats::add(&stats.write_syscalls, writes);
-        WorkerStats::add(&stats.bytes_out, bytes);
+        let t = &mut self.tally;
+        let res = conn.outbox.flush(
+            &mut &conn.stream,
+            &mut t.write_syscalls,
+            &mut t.bytes_out,
+            &mut t.frames_out,
+        );
         match res {
             Ok(Flushed::Blocked) => conn.set(flags::WANTS_WRITE),
             Ok(Flushed::All) => {
                 conn.clear(flags::WANTS_WRITE);
-                if conn.state == State::Lingering && !conn.has(flags::FIN_SENT) {
-                    conn.set(flags::FIN_SENT);
-                    let _ = conn.stream.shutdown(Shutdown::Write);
+                if conn.state == State::Lingering {
+                    if conn.has(flags::PEER_EOF) {
+                        self.drop_conn(key); // all said, and the client has hung up
+                    } else if !conn.has(flags::FIN_SENT) {
+                        conn.set(flags::FIN_SENT);
+                        let _ = conn.stream.shutdown(Shutdown::Write);
+                    }
                 }
             }
             Err(_) => self.fail_io(key),
@@ -966,13 +1007,10 @@ impl Worker {
             _ => Disconnect::ProtocolError,
         };
         self.stats().disconnect(reason);
-        self.flush_echoes(key); // messages before the bad frame are still answered
+        self.flush_own_output(key); // messages before the bad frame are still delivered
         let now = self.now;
         let c = &mut self.conns[key as usize];
         if c.state == State::Open {
-            if let Some(ib) = c.inbound.as_mut() {
-                ib.fragments = None;
-            }
             c.begin_close(v.code, v.reason, now);
             self.mark_dirty(key);
             self.schedule(key, now + self.ticks.close);
@@ -981,12 +1019,27 @@ impl Worker {
         }
     }
 
+    /// The client closed its side. What is queued for it (an echo, a close reply, an HTTP
+    /// error) still goes out: a half-closed client is still reading.
     fn on_eof(&mut self, key: u32) {
-        let c = &self.conns[key as usize];
-        if matches!(c.state, State::Open | State::Handshake) {
+        let state = self.conns[key as usize].state;
+        if matches!(state, State::Open | State::Handshake) {
             self.stats().disconnect(Disconnect::PeerGone);
         }
-        self.drop_conn(key);
+        self.flush_own_output(key);
+        let c = &mut self.conns[key as usize];
+        if c.outbox.is_empty() || state == State::Handshake {
+            self.drop_conn(key);
+            return;
+        }
+        c.set(flags::PEER_EOF);
+        if state != State::Lingering {
+            c.state = State::Lingering;
+            c.since = self.now;
+        }
+        let at = c.since + self.ticks.close;
+        self.schedule(key, at);
+        self.flush(key); // drops the connection once everything is written
     }
 
     fn fail_io(&mut self, key: u32) {
@@ -1130,7 +1183,11 @@ impl Worker {
             // A ping is not subject to the backpressure limit: it is tiny and it is how a
             // dead peer gets found.
             c.outbox.push(codec::encode(OutKind::Ping, b""));
+            // Look again one interval from now: if the pong came, the next ping is due then.
+            let at = (c.since + self.ticks.idle).min(now + self.ticks.ping);
             self.mark_dirty(key);
+            self.schedule(key, at);
+            return;
         }
         self.schedule_liveness(key);
     }
@@ -1140,5 +1197,30 @@ fn invalid_utf8() -> Violation {
     Violation {
         code: codec::CLOSE_INVALID_DATA,
         reason: "text is not valid UTF-8",
+    }
+}
+
+/// Data-frame order: a continuation needs a message in progress, a new message needs none.
+fn check_sequence(p: Parsed, in_progress: bool) -> Result<Parsed, Violation> {
+    if let Parsed::Frame(h) = &p {
+        match h.kind {
+            Kind::Continuation if !in_progress => {
+                return Err(Violation::protocol("continuation without a message"))
+            }
+            Kind::Text | Kind::Binary if in_progress => {
+                return Err(Violation::protocol(
+                    "new message before the fragmented one finished",
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(p)
+}
+
+/// A failed connection's half-reassembled message is of no further use.
+fn clear_fragments(inbound: &mut Option<Box<Inbound>>) {
+    if let Some(ib) = inbound.as_mut() {
+        ib.fragments = None;
     }
 }
