@@ -271,6 +271,15 @@ fn positive(
     }
 }
 
+/// Splits `64KiB` into 64 and `KiB`; `what` completes the error "`s` is not ...".
+fn number_and_unit<'a>(s: &'a str, what: &str) -> Result<(u64, &'a str), String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n = num.parse().map_err(|_| format!("`{s}` is not {what}"))?;
+    Ok((n, unit.trim()))
+}
+
 /// A byte count written as `65536`, `64KiB`, `1MiB`, `1G` (binary multiples).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub usize);
@@ -278,13 +287,8 @@ pub struct ByteSize(pub usize);
 impl std::str::FromStr for ByteSize {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let t = s.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (num, unit) = t.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("`{s}` is not a size (try 65536, 64KiB or 1MiB)"))?;
-        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        let (n, unit) = number_and_unit(s, "a size (try 65536, 64KiB or 1MiB)")?;
+        let mult: u64 = match unit.to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kb" | "kib" => 1 << 10,
             "m" | "mb" | "mib" => 1 << 20,
@@ -333,13 +337,8 @@ pub struct HumanDuration(pub Duration);
 impl std::str::FromStr for HumanDuration {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let t = s.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (num, unit) = t.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("`{s}` is not a duration (try 10s, 500ms or 2m)"))?;
-        let d = match unit.trim() {
+        let (n, unit) = number_and_unit(s, "a duration (try 10s, 500ms or 2m)")?;
+        let d = match unit {
             "" | "s" => Duration::from_secs(n),
             "ms" => Duration::from_millis(n),
             "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
