@@ -20,6 +20,37 @@ fn percentile_label(x: f64) -> String {
     }
 }
 
+/// A line named `label` in the legend, drawn there with the same style.
+fn labeled_line<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    pts: impl IntoIterator<Item = CT::From>,
+    style: ShapeStyle,
+    label: &str,
+) -> Res
+where
+    CT::From: Clone + 'static,
+{
+    chart
+        .draw_series(LineSeries::new(pts, style))
+        .map_err(err)?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+    Ok(())
+}
+
+/// The legend of the labeled lines, upper left.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+) -> Res {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)
+}
+
 /// Latency by percentile (HdrHistogram style: x = 1/(1-q) on a log axis), one line per series.
 pub fn latency(path: &str, title: &str, series: &[(String, Vec<(f64, f64)>)]) -> Res {
     let series: Vec<&(String, Vec<(f64, f64)>)> =
@@ -58,21 +89,9 @@ pub fn latency(path: &str, title: &str, series: &[(String, Vec<(f64, f64)>)]) ->
         .map_err(err)?;
     for (i, (name, pts)) in series.iter().map(|s| (&s.0, &s.1)).enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
-            .map_err(err)?
-            .label(name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+        labeled_line(&mut chart, pts.iter().copied(), color.stroke_width(2), name)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
+    legend(&mut chart)?;
     root.present().map_err(err)
 }
 
@@ -160,33 +179,25 @@ pub fn ladder(path: &str, title: &str, pts: &[(u64, f64, f64)], bound_ms: f64) -
         .draw()
         .map_err(err)?;
     let clip = |v: f64| if v.is_finite() { v.min(ymax) } else { ymax };
-    c.draw_series(LineSeries::new(
+    labeled_line(
+        &mut c,
         pts.iter().map(|p| (p.0 as f64, clip(p.1))),
         BLUE.stroke_width(2),
-    ))
-    .map_err(err)?
-    .label("p50")
-    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
-    c.draw_series(LineSeries::new(
+        "p50",
+    )?;
+    labeled_line(
+        &mut c,
         pts.iter().map(|p| (p.0 as f64, clip(p.2))),
         RED.stroke_width(2),
-    ))
-    .map_err(err)?
-    .label("p95")
-    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
-    c.draw_series(LineSeries::new(
-        vec![(0.0, bound_ms), (xmax, bound_ms)],
-        BLACK.mix(0.5),
-    ))
-    .map_err(err)?
-    .label("bound")
-    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.5)));
-    c.configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
+        "p95",
+    )?;
+    labeled_line(
+        &mut c,
+        [(0.0, bound_ms), (xmax, bound_ms)],
+        BLACK.mix(0.5).into(),
+        "bound",
+    )?;
+    legend(&mut c)?;
     root.present().map_err(err)
 }
 

@@ -2,12 +2,13 @@
 //! and plots.
 
 use crate::cli::{BroadcastArgs, ConnectArgs, EchoArgs, LadderArgs, Scenario};
-use crate::driver::RunOutcome;
+use crate::driver::{RunOutcome, StageOutcome};
 use crate::hist::{Hist, Percentiles};
 use crate::result::StageResult;
 use crate::worker::Plan;
 use serde_json::{json, Map, Value};
 use std::fmt::Write as _;
+use std::sync::LazyLock;
 
 pub struct Report {
     pub json: Map<String, Value>,
@@ -87,14 +88,15 @@ fn finite_or_null(v: f64) -> Value {
     }
 }
 
-/// Figures every scenario has: configuration, connections, handshakes, CPU, server.
+/// Figures every scenario has: configuration, connections, handshakes, CPU, server; and the
+/// run's errors as the first problems.
 fn base(
     sc: &Scenario,
     plan: &Plan,
     out: &RunOutcome,
     conn: &StageResult,
     requested: u64,
-) -> (Map<String, Value>, String) {
+) -> (Map<String, Value>, String, Vec<String>) {
     let c = sc.common();
     let mut m = Map::new();
     m.insert("scenario".into(), json!(sc.name()));
@@ -172,7 +174,7 @@ fn base(
         fmt_map(&conn.drops)
     );
     let _ = writeln!(s, "  handshake:   {}", fmt_pct(&hs));
-    (m, s)
+    (m, s, out.errors.clone())
 }
 
 /// Load generator and server CPU while the stage ran.
@@ -180,7 +182,7 @@ fn cpu_figures(
     m: &mut Map<String, Value>,
     s: &mut String,
     out: &RunOutcome,
-    st: &crate::driver::StageOutcome,
+    st: &StageOutcome,
     work: u64,
     what: &str,
 ) {
@@ -233,30 +235,58 @@ fn cpu_figures(
     }
 }
 
-fn first_stage(out: &RunOutcome) -> Option<&crate::driver::StageOutcome> {
-    out.stages.first()
+static NO_RESULT: LazyLock<StageResult> = LazyLock::new(StageResult::default);
+
+/// The single stage of connect, echo and broadcast, and its result (empty if it never ran).
+fn first_stage(out: &RunOutcome) -> (Option<&StageOutcome>, &StageResult) {
+    let st = out.stages.first();
+    (st, st.map_or(&NO_RESULT, |s| &s.result))
 }
 
-fn common_problems(out: &RunOutcome, problems: &mut Vec<String>) {
-    for e in &out.errors {
-        problems.push(e.clone());
+/// The histogram `name` of `r` as written to its `.hgrm` file (empty if it was never recorded).
+fn hist_file(r: &StageResult, name: &str) -> (String, Hist) {
+    (name.into(), r.hists.get(name).cloned().unwrap_or_default())
+}
+
+fn connection_problems(r: &StageResult, problems: &mut Vec<String>) {
+    let failed = r.failed() + r.dropped();
+    if failed > 0 {
+        problems.push(format!("{failed} connections failed or dropped"));
+    }
+}
+
+/// The report of a scenario measuring one latency: its histogram and the handshakes' as
+/// `.hgrm` files, and a plot of it.
+fn one_latency_report(
+    json: Map<String, Value>,
+    summary: String,
+    problems: Vec<String>,
+    r: &StageResult,
+    latency: &str,
+    title: String,
+) -> Report {
+    Report {
+        json,
+        summary,
+        hists: vec![hist_file(r, latency), hist_file(r, "handshake")],
+        problems,
+        plots: vec![PlotSpec::Latency {
+            name: "latency".into(),
+            title,
+            series: vec![latency.into()],
+        }],
     }
 }
 
 pub fn connect(sc: &Scenario, a: &ConnectArgs, plan: &Plan, out: &RunOutcome) -> Report {
-    let empty = StageResult::default();
-    let st = first_stage(out);
-    let r = st.map_or(&empty, |s| &s.result);
-    let (mut m, mut s) = base(sc, plan, out, r, a.conns);
-    let mut problems = Vec::new();
-    common_problems(out, &mut problems);
+    let (st, r) = first_stage(out);
+    let (mut m, mut s, mut problems) = base(sc, plan, out, r, a.conns);
     m.insert("connected".into(), json!(r.opened));
     m.insert("open_at_end_of_hold".into(), json!(r.open_at_end));
     m.insert("hold_s".into(), json!(a.hold));
     m.insert("latency_us".into(), json!(pct(r.hists.get("handshake"))));
-    let failed = r.failed() + r.dropped();
-    if failed > 0 && !a.allow_failures {
-        problems.push(format!("{failed} connections failed or dropped"));
+    if !a.allow_failures {
+        connection_problems(r, &mut problems);
     }
     if r.opened == 0 {
         problems.push("no connection opened".into());
@@ -314,16 +344,7 @@ pub fn connect(sc: &Scenario, a: &ConnectArgs, plan: &Plan, out: &RunOutcome) ->
         );
     }
     m.insert("timeline".into(), json!(out.timeline));
-    let hists = vec![
-        (
-            "handshake".to_string(),
-            r.hists.get("handshake").cloned().unwrap_or_default(),
-        ),
-        (
-            "tcp_connect".to_string(),
-            r.hists.get("tcp_connect").cloned().unwrap_or_default(),
-        ),
-    ];
+    let hists = vec![hist_file(r, "handshake"), hist_file(r, "tcp_connect")];
     Report {
         json: m,
         summary: s,
@@ -346,12 +367,8 @@ pub fn connect(sc: &Scenario, a: &ConnectArgs, plan: &Plan, out: &RunOutcome) ->
 }
 
 pub fn echo(sc: &Scenario, a: &EchoArgs, plan: &Plan, out: &RunOutcome) -> Report {
-    let empty = StageResult::default();
-    let st = first_stage(out);
-    let r = st.map_or(&empty, |s| &s.result);
-    let (mut m, mut s) = base(sc, plan, out, r, a.conns);
-    let mut problems = Vec::new();
-    common_problems(out, &mut problems);
+    let (st, r) = first_stage(out);
+    let (mut m, mut s, mut problems) = base(sc, plan, out, r, a.conns);
     let rate = per_s(r.in_window, r.window_ns);
     let rtt = pct(r.hists.get("rtt"));
     m.insert("msgs_per_s".into(), json!(rate));
@@ -384,47 +401,20 @@ pub fn echo(sc: &Scenario, a: &EchoArgs, plan: &Plan, out: &RunOutcome) -> Repor
     if r.unanswered > 0 {
         problems.push(format!("{} messages were never echoed", r.unanswered));
     }
-    if r.failed() + r.dropped() > 0 {
-        problems.push(format!(
-            "{} connections failed or dropped",
-            r.failed() + r.dropped()
-        ));
-    }
+    connection_problems(r, &mut problems);
     if r.received == 0 {
         problems.push("no echo received".into());
     }
-    Report {
-        json: m,
-        summary: s,
-        hists: vec![
-            (
-                "rtt".into(),
-                r.hists.get("rtt").cloned().unwrap_or_default(),
-            ),
-            (
-                "handshake".into(),
-                r.hists.get("handshake").cloned().unwrap_or_default(),
-            ),
-        ],
-        problems,
-        plots: vec![PlotSpec::Latency {
-            name: "latency".into(),
-            title: format!(
-                "echo: {} conns x {} in flight, {} B: round-trip time",
-                a.conns, a.inflight, a.size
-            ),
-            series: vec!["rtt".into()],
-        }],
-    }
+    let title = format!(
+        "echo: {} conns x {} in flight, {} B: round-trip time",
+        a.conns, a.inflight, a.size
+    );
+    one_latency_report(m, s, problems, r, "rtt", title)
 }
 
 pub fn broadcast(sc: &Scenario, a: &BroadcastArgs, plan: &Plan, out: &RunOutcome) -> Report {
-    let empty = StageResult::default();
-    let st = first_stage(out);
-    let r = st.map_or(&empty, |s| &s.result);
-    let (mut m, mut s) = base(sc, plan, out, r, a.subs);
-    let mut problems = Vec::new();
-    common_problems(out, &mut problems);
+    let (st, r) = first_stage(out);
+    let (mut m, mut s, mut problems) = base(sc, plan, out, r, a.subs);
     let span = r.last_recv_ns.saturating_sub(r.first_send_ns);
     let rate = per_s(r.received, span);
     let lat = pct(r.hists.get("delivery"));
@@ -474,38 +464,15 @@ pub fn broadcast(sc: &Scenario, a: &BroadcastArgs, plan: &Plan, out: &RunOutcome
             problems.push(format!("{n} messages {what}"));
         }
     }
-    if r.failed() + r.dropped() > 0 {
-        problems.push(format!(
-            "{} connections failed or dropped",
-            r.failed() + r.dropped()
-        ));
-    }
+    connection_problems(r, &mut problems);
     if r.expected == 0 {
         problems.push("nothing to deliver (no member connected)".into());
     }
-    Report {
-        json: m,
-        summary: s,
-        hists: vec![
-            (
-                "delivery".into(),
-                r.hists.get("delivery").cloned().unwrap_or_default(),
-            ),
-            (
-                "handshake".into(),
-                r.hists.get("handshake").cloned().unwrap_or_default(),
-            ),
-        ],
-        problems,
-        plots: vec![PlotSpec::Latency {
-            name: "latency".into(),
-            title: format!(
-                "broadcast: {} members, {} x {} msgs of {} B: delivery latency",
-                a.subs, a.pubs, a.msgs, a.size
-            ),
-            series: vec!["delivery".into()],
-        }],
-    }
+    let title = format!(
+        "broadcast: {} members, {} x {} msgs of {} B: delivery latency",
+        a.subs, a.pubs, a.msgs, a.size
+    );
+    one_latency_report(m, s, problems, r, "delivery", title)
 }
 
 /// Per-step verdict of the ladder.
@@ -568,9 +535,7 @@ pub fn ladder(sc: &Scenario, a: &LadderArgs, plan: &Plan, out: &RunOutcome) -> R
         }
     }
     let requested = a.steps.last().copied().unwrap_or(0);
-    let (mut m, mut s) = base(sc, plan, out, &conn, requested);
-    let mut problems = Vec::new();
-    common_problems(out, &mut problems);
+    let (mut m, mut s, mut problems) = base(sc, plan, out, &conn, requested);
     let mut steps = Vec::new();
     let mut all = Hist::new();
     let mut best: Option<u64> = None;
@@ -639,21 +604,13 @@ pub fn ladder(sc: &Scenario, a: &LadderArgs, plan: &Plan, out: &RunOutcome) -> R
     if lost + dup > 0 {
         problems.push(format!("{lost} deliveries lost, {dup} duplicated"));
     }
-    if conn.failed() + conn.dropped() > 0 {
-        problems.push(format!(
-            "{} connections failed or dropped",
-            conn.failed() + conn.dropped()
-        ));
-    }
+    connection_problems(&conn, &mut problems);
     if out.stages.is_empty() {
         problems.push("no step completed".into());
     }
     let mut series: Vec<String> = hists.iter().map(|h| h.0.clone()).collect();
     hists.push(("delivery".into(), all));
-    hists.push((
-        "handshake".into(),
-        conn.hists.get("handshake").cloned().unwrap_or_default(),
-    ));
+    hists.push(hist_file(&conn, "handshake"));
     series.truncate(8);
     Report {
         json: m,

@@ -83,12 +83,94 @@ impl WorkerCtx {
         )
     }
 
-    fn opcode(&self) -> u8 {
-        if self.scenario.common().text {
-            ws::OP_TEXT
-        } else {
-            ws::OP_BINARY
+    /// The shape of this run's messages, `size` bytes of payload each.
+    fn wire(&self, size: usize) -> Wire {
+        let text = self.scenario.common().text;
+        Wire {
+            op: if text { ws::OP_TEXT } else { ws::OP_BINARY },
+            text,
+            size,
+            run: self.plan.run_id,
         }
+    }
+
+    /// Open this worker's share of `total` connections. Their figures, or None if told to stop
+    /// first.
+    fn ramp<B: Behavior>(
+        &self,
+        eng: &mut Engine,
+        b: &mut B,
+        total: u64,
+    ) -> io::Result<Option<StageResult>> {
+        if !eng.ramp(b, share(total, self.g, self.plan.workers))? {
+            return Ok(None);
+        }
+        Ok(Some(eng.take_conn_stats()))
+    }
+
+    /// Tell the runner this worker is ready for `stage` and wait for its go. False if told to
+    /// stop first.
+    fn ready_go<B: Behavior>(&self, eng: &mut Engine, b: &mut B, stage: u64) -> io::Result<bool> {
+        self.send(RunnerMsg::Ready(stage));
+        self.wait_cmd(eng, b, go(stage))
+    }
+}
+
+/// How this run's messages look: opcode, payload size and run id in the header.
+#[derive(Clone, Copy)]
+struct Wire {
+    op: u8,
+    text: bool,
+    size: usize,
+    run: u32,
+}
+
+impl Wire {
+    fn header(&self, src: u32, seq: u32, send_ns: u64) -> Header {
+        Header {
+            run: self.run,
+            src,
+            seq,
+            send_ns,
+        }
+    }
+
+    /// Build one message with [`Engine::frame`].
+    fn frame(&self, eng: &mut Engine, src: u32, seq: u32, send_ns: u64) {
+        let (h, text) = (self.header(src, seq, send_ns), self.text);
+        eng.frame(self.op, self.size, |p| payload::write(p, &h, text));
+    }
+
+    /// The header of a received message, None unless it has this run's opcode and size.
+    fn read(&self, opcode: u8, payload: &[u8]) -> Option<Header> {
+        let h = payload::read(payload, self.text)?;
+        (opcode == self.op && payload.len() == self.size).then_some(h)
+    }
+}
+
+/// When a stage's measured run began: monotonic time and this thread's CPU time.
+struct RunClock {
+    start: u64,
+    cpu0: u64,
+}
+
+impl RunClock {
+    fn start() -> RunClock {
+        RunClock {
+            start: mono_ns(),
+            cpu0: thread_cpu_ns(),
+        }
+    }
+
+    /// What every stage reports at its end, the run having ended at `end`: the connection
+    /// figures since the ramp, what is still open, the run's span and CPU time.
+    fn end(&self, eng: &mut Engine, r: &mut StageResult, end: u64) {
+        r.merge(&eng.take_conn_stats());
+        r.workers = 1;
+        r.open_at_end = eng.open_count() as u64;
+        r.run_start_ns = self.start;
+        r.run_end_ns = end;
+        r.cpu_ns = thread_cpu_ns() - self.cpu0;
     }
 }
 
@@ -124,18 +206,14 @@ fn finish<B: Behavior>(ctx: &WorkerCtx, eng: &mut Engine, b: &mut B) -> io::Resu
 fn connect(ctx: &WorkerCtx, a: &ConnectArgs) -> io::Result<StageResult> {
     let mut eng = ctx.engine()?;
     let mut b = Idle;
-    let n = share(a.conns, ctx.g, ctx.plan.workers);
-    if !eng.ramp(&mut b, n)? {
+    let Some(mut r) = ctx.ramp(&mut eng, &mut b, a.conns)? else {
+        return finish(ctx, &mut eng, &mut b);
+    };
+    if !ctx.ready_go(&mut eng, &mut b, 0)? {
         return finish(ctx, &mut eng, &mut b);
     }
-    let mut r = eng.take_conn_stats();
-    ctx.send(RunnerMsg::Ready(0));
-    if !ctx.wait_cmd(&mut eng, &mut b, go(0))? {
-        return finish(ctx, &mut eng, &mut b);
-    }
-    let start = mono_ns();
-    let cpu0 = thread_cpu_ns();
-    let end = start + (a.hold * 1e9) as u64;
+    let clock = RunClock::start();
+    let end = clock.start + (a.hold * 1e9) as u64;
     loop {
         let now = mono_ns();
         if now >= end || eng.cmd() == STOP {
@@ -144,12 +222,7 @@ fn connect(ctx: &WorkerCtx, a: &ConnectArgs) -> io::Result<StageResult> {
         eng.turn(&mut b, Duration::from_nanos(end - now).min(TICK))?;
     }
     // Drops during the hold join the connect figures.
-    r.merge(&eng.take_conn_stats());
-    r.workers = 1;
-    r.open_at_end = eng.open_count() as u64;
-    r.run_start_ns = start;
-    r.run_end_ns = mono_ns();
-    r.cpu_ns = thread_cpu_ns() - cpu0;
+    clock.end(&mut eng, &mut r, mono_ns());
     ctx.send(RunnerMsg::Done(0, Box::new(r)));
     finish(ctx, &mut eng, &mut b)
 }
@@ -164,10 +237,7 @@ struct EchoConn {
 }
 
 struct Echo {
-    op: u8,
-    text: bool,
-    size: usize,
-    run: u32,
+    wire: Wire,
     g: usize,
     workers: usize,
     conns: Vec<Option<EchoConn>>,
@@ -188,14 +258,7 @@ impl Echo {
         let Some(Some(ec)) = self.conns.get_mut(id) else {
             return;
         };
-        let h = Header {
-            run: self.run,
-            src: ec.gid,
-            seq: ec.next_send,
-            send_ns: now,
-        };
-        let text = self.text;
-        eng.frame(self.op, self.size, |p| payload::write(p, &h, text));
+        self.wire.frame(eng, ec.gid, ec.next_send, now);
         ec.next_send = ec.next_send.wrapping_add(1);
         ec.times.push_back(now);
         self.sent += 1;
@@ -228,16 +291,11 @@ impl Behavior for Echo {
             return;
         };
         self.outstanding -= 1;
-        let h = Header {
-            run: self.run,
-            src: ec.gid,
-            seq: ec.next_recv,
-            send_ns: t,
-        };
+        let h = self.wire.header(ec.gid, ec.next_recv, t);
         ec.next_recv = ec.next_recv.wrapping_add(1);
-        self.expect.resize(self.size, 0);
-        payload::write(&mut self.expect, &h, self.text);
-        if opcode != self.op || payload != &self.expect[..] {
+        self.expect.resize(self.wire.size, 0);
+        payload::write(&mut self.expect, &h, self.wire.text);
+        if opcode != self.wire.op || payload != &self.expect[..] {
             self.corrupt += 1;
         }
         self.hist.record(now - t);
@@ -264,10 +322,7 @@ impl Behavior for Echo {
 fn echo(ctx: &WorkerCtx, a: &EchoArgs) -> io::Result<StageResult> {
     let mut eng = ctx.engine()?;
     let mut b = Echo {
-        op: ctx.opcode(),
-        text: a.common.text,
-        size: a.size,
-        run: ctx.plan.run_id,
+        wire: ctx.wire(a.size),
         g: ctx.g,
         workers: ctx.plan.workers,
         conns: Vec::new(),
@@ -282,17 +337,14 @@ fn echo(ctx: &WorkerCtx, a: &EchoArgs) -> io::Result<StageResult> {
         unanswered: 0,
         expect: Vec::new(),
     };
-    let n = share(a.conns, ctx.g, ctx.plan.workers);
-    if !eng.ramp(&mut b, n)? {
+    let Some(mut r) = ctx.ramp(&mut eng, &mut b, a.conns)? else {
+        return finish(ctx, &mut eng, &mut b);
+    };
+    if !ctx.ready_go(&mut eng, &mut b, 0)? {
         return finish(ctx, &mut eng, &mut b);
     }
-    let mut r = eng.take_conn_stats();
-    ctx.send(RunnerMsg::Ready(0));
-    if !ctx.wait_cmd(&mut eng, &mut b, go(0))? {
-        return finish(ctx, &mut eng, &mut b);
-    }
-    let start = mono_ns();
-    let cpu0 = thread_cpu_ns();
+    let clock = RunClock::start();
+    let start = clock.start;
     b.stop_at = start + (a.secs * 1e9) as u64;
     b.sending = true;
     for id in 0..eng.conns.len() {
@@ -322,20 +374,15 @@ fn echo(ctx: &WorkerCtx, a: &EchoArgs) -> io::Result<StageResult> {
         )?;
     }
     let end = mono_ns();
-    r.merge(&eng.take_conn_stats());
-    r.workers = 1;
-    r.open_at_end = eng.open_count() as u64;
+    clock.end(&mut eng, &mut r, end);
     r.sent = b.sent;
     r.received = b.received;
     r.in_window = b.in_window;
     r.window_ns = b.stop_at - start;
     r.corrupt = b.corrupt;
     r.unanswered = b.unanswered + b.outstanding;
-    r.run_start_ns = start;
-    r.run_end_ns = end;
     r.first_send_ns = start;
     r.last_recv_ns = end;
-    r.cpu_ns = thread_cpu_ns() - cpu0;
     r.hists.insert("rtt".into(), std::mem::take(&mut b.hist));
     ctx.send(RunnerMsg::Done(0, Box::new(r)));
     finish(ctx, &mut eng, &mut b)
@@ -350,10 +397,7 @@ struct Publisher {
 }
 
 struct Bcast {
-    op: u8,
-    text: bool,
-    size: usize,
-    run: u32,
+    wire: Wire,
     pubs: u32,
     msgs: u32,
     rate: f64,
@@ -396,15 +440,8 @@ impl Bcast {
             if due == 0 {
                 continue;
             }
-            let (run, text, src) = (self.run, self.text, p.pub_id);
             for _ in 0..due {
-                let h = Header {
-                    run,
-                    src,
-                    seq: p.next,
-                    send_ns: now,
-                };
-                eng.frame(self.op, self.size, |b| payload::write(b, &h, text));
+                self.wire.frame(eng, p.pub_id, p.next, now);
                 p.next += 1;
             }
             eng.send_out(p.id);
@@ -437,15 +474,15 @@ impl Bcast {
 impl Behavior for Bcast {
     fn on_message(&mut self, eng: &mut Engine, id: usize, opcode: u8, payload: &[u8], now: u64) {
         eng.msgs_received += 1;
-        let Some(h) = payload::read(payload, self.text) else {
+        let Some(h) = self
+            .wire
+            .read(opcode, payload)
+            .filter(|h| h.src < self.pubs)
+        else {
             self.corrupt += 1;
             return;
         };
-        if opcode != self.op || payload.len() != self.size || h.src >= self.pubs {
-            self.corrupt += 1;
-            return;
-        }
-        if h.run != self.run {
+        if h.run != self.wire.run {
             self.stale += 1;
             return;
         }
@@ -479,10 +516,7 @@ fn broadcast(ctx: &WorkerCtx, a: &BroadcastArgs) -> io::Result<StageResult> {
     let mut eng = ctx.engine()?;
     let frame_len = a.size + 14;
     let mut b = Bcast {
-        op: ctx.opcode(),
-        text: a.common.text,
-        size: a.size,
-        run: ctx.plan.run_id,
+        wire: ctx.wire(a.size),
         pubs: a.pubs as u32,
         msgs: a.msgs as u32,
         rate: a.msg_rate,
@@ -501,11 +535,9 @@ fn broadcast(ctx: &WorkerCtx, a: &BroadcastArgs) -> io::Result<StageResult> {
         last_recv: 0,
         batch: (64 * 1024 / frame_len).max(1),
     };
-    let n = share(a.subs, ctx.g, wt);
-    if !eng.ramp(&mut b, n)? {
+    let Some(mut r) = ctx.ramp(&mut eng, &mut b, a.subs)? else {
         return finish(ctx, &mut eng, &mut b);
-    }
-    let mut r = eng.take_conn_stats();
+    };
     // Publisher p lives on worker p % workers, as its local connection p / workers.
     let mut notes = Vec::new();
     for p in (ctx.g as u64..a.pubs).step_by(wt) {
@@ -527,12 +559,11 @@ fn broadcast(ctx: &WorkerCtx, a: &BroadcastArgs) -> io::Result<StageResult> {
     let members: Vec<usize> = (0..eng.conns.len()).filter(|&id| eng.is_open(id)).collect();
     b.trackers = vec![SeqTracker::new(); eng.conns.len() * a.pubs as usize];
     let expected_unique = members.len() as u64 * a.pubs * a.msgs;
-    ctx.send(RunnerMsg::Ready(0));
-    if !ctx.wait_cmd(&mut eng, &mut b, go(0))? {
+    if !ctx.ready_go(&mut eng, &mut b, 0)? {
         return finish(ctx, &mut eng, &mut b);
     }
-    let start = mono_ns();
-    let cpu0 = thread_cpu_ns();
+    let clock = RunClock::start();
+    let start = clock.start;
     b.go_ns = start;
     b.running = true;
     let idle_ns = (a.idle_timeout * 1e9) as u64;
@@ -558,11 +589,8 @@ fn broadcast(ctx: &WorkerCtx, a: &BroadcastArgs) -> io::Result<StageResult> {
         }
         eng.turn(&mut b, Duration::from_nanos(wait))?;
     }
-    let end = mono_ns();
     b.running = false;
-    r.merge(&eng.take_conn_stats());
-    r.workers = 1;
-    r.open_at_end = eng.open_count() as u64;
+    clock.end(&mut eng, &mut r, mono_ns());
     r.members = members.len() as u64;
     r.expected = expected_unique;
     for &id in &members {
@@ -580,9 +608,6 @@ fn broadcast(ctx: &WorkerCtx, a: &BroadcastArgs) -> io::Result<StageResult> {
     r.first_send_ns = b.first_send;
     r.last_send_ns = b.last_send;
     r.last_recv_ns = b.last_recv;
-    r.run_start_ns = start;
-    r.run_end_ns = end;
-    r.cpu_ns = thread_cpu_ns() - cpu0;
     r.notes = notes;
     r.hists
         .insert("delivery".into(), std::mem::take(&mut b.hist));
@@ -593,10 +618,7 @@ fn broadcast(ctx: &WorkerCtx, a: &BroadcastArgs) -> io::Result<StageResult> {
 // ---------------------------------------------------------------- ladder
 
 struct Ladder {
-    op: u8,
-    text: bool,
-    size: usize,
-    run: u32,
+    wire: Wire,
     step: u32,
     rounds: u32,
     full: u64,
@@ -620,15 +642,11 @@ struct Ladder {
 impl Behavior for Ladder {
     fn on_message(&mut self, eng: &mut Engine, id: usize, opcode: u8, payload: &[u8], now: u64) {
         eng.msgs_received += 1;
-        let Some(h) = payload::read(payload, self.text) else {
+        let Some(h) = self.wire.read(opcode, payload) else {
             self.corrupt += 1;
             return;
         };
-        if opcode != self.op || payload.len() != self.size {
-            self.corrupt += 1;
-            return;
-        }
-        if h.run != self.run || h.src != self.step {
+        if h.run != self.wire.run || h.src != self.step {
             self.stale += 1; // late message of an earlier step
             return;
         }
@@ -666,14 +684,7 @@ impl Behavior for Ladder {
         while self.next_round < self.rounds
             && self.go_ns + u64::from(self.next_round) * self.interval_ns <= now
         {
-            let h = Header {
-                run: self.run,
-                src: self.step,
-                seq: self.next_round,
-                send_ns: now,
-            };
-            let text = self.text;
-            eng.frame(self.op, self.size, |b| payload::write(b, &h, text));
+            self.wire.frame(eng, self.step, self.next_round, now);
             eng.send_out(id);
             eng.msgs_sent += 1;
             self.stats[self.next_round as usize].sent_ns = now;
@@ -683,14 +694,10 @@ impl Behavior for Ladder {
 }
 
 fn ladder(ctx: &WorkerCtx, a: &LadderArgs) -> io::Result<StageResult> {
-    let wt = ctx.plan.workers;
     let mut eng = ctx.engine()?;
     let rounds = a.rounds;
     let mut b = Ladder {
-        op: ctx.opcode(),
-        text: a.common.text,
-        size: a.size,
-        run: ctx.plan.run_id,
+        wire: ctx.wire(a.size),
         step: 0,
         rounds,
         full: if rounds >= 64 {
@@ -718,10 +725,9 @@ fn ladder(ctx: &WorkerCtx, a: &LadderArgs) -> io::Result<StageResult> {
         if !ctx.wait_cmd(&mut eng, &mut b, prep(stage))? {
             break;
         }
-        if !eng.ramp(&mut b, share(size, ctx.g, wt))? {
+        let Some(mut r) = ctx.ramp(&mut eng, &mut b, size)? else {
             break;
-        }
-        let mut r = eng.take_conn_stats();
+        };
         let mut notes = Vec::new();
         if ctx.g == 0 {
             b.pub_conn = (0..eng.conns.len()).find(|&id| eng.is_open(id));
@@ -747,12 +753,11 @@ fn ladder(ctx: &WorkerCtx, a: &LadderArgs) -> io::Result<StageResult> {
         b.stale = 0;
         b.corrupt = 0;
         b.next_round = 0;
-        ctx.send(RunnerMsg::Ready(stage));
-        if !ctx.wait_cmd(&mut eng, &mut b, go(stage))? {
+        if !ctx.ready_go(&mut eng, &mut b, stage)? {
             break;
         }
-        let start = mono_ns();
-        let cpu0 = thread_cpu_ns();
+        let clock = RunClock::start();
+        let start = clock.start;
         b.go_ns = start;
         b.running = true;
         let end = start + u64::from(rounds) * b.interval_ns + grace;
@@ -773,9 +778,7 @@ fn ladder(ctx: &WorkerCtx, a: &LadderArgs) -> io::Result<StageResult> {
             eng.turn(&mut b, Duration::from_nanos(wait))?;
         }
         b.running = false;
-        r.merge(&eng.take_conn_stats());
-        r.workers = 1;
-        r.open_at_end = eng.open_count() as u64;
+        clock.end(&mut eng, &mut r, mono_ns());
         r.members = members.len() as u64;
         r.expected = members.len() as u64 * u64::from(rounds);
         r.received = b.received;
@@ -785,9 +788,6 @@ fn ladder(ctx: &WorkerCtx, a: &LadderArgs) -> io::Result<StageResult> {
         r.corrupt = b.corrupt;
         r.sent = u64::from(if ctx.g == 0 { b.next_round } else { 0 });
         r.rounds = std::mem::take(&mut b.stats);
-        r.run_start_ns = start;
-        r.run_end_ns = mono_ns();
-        r.cpu_ns = thread_cpu_ns() - cpu0;
         r.notes = notes;
         r.hists
             .insert("delivery".into(), std::mem::take(&mut b.hist));
