@@ -320,8 +320,6 @@ impl Worker {
             if self.bus.is_backed_up() {
                 self.bus.retry_overflow();
             }
-            let wakes = self.bus.wake_peers();
-            WorkerStats::add(&self.stats().wakeups_sent, wakes);
             self.fire_timers();
             if let Some(until) = self.accept_paused_until {
                 if self.now >= until {
@@ -334,6 +332,9 @@ impl Worker {
             if self.draining_until.is_none() && self.shared.shutdown.load(Ordering::Relaxed) {
                 self.begin_drain();
             }
+            // Everything that may have sent to another worker this turn is done: wake them.
+            let wakes = self.bus.wake_peers();
+            WorkerStats::add(&self.stats().wakeups_sent, wakes);
             self.flush_dirty();
             self.tally.publish(&self.shared.metrics.workers[self.id]);
             self.turns.record(
@@ -400,6 +401,11 @@ impl Worker {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if !is_resource_exhaustion(&e) => {
+                    // ECONNABORTED and the like: that one client is gone; take the next.
+                    WorkerStats::add(&self.stats().accept_errors, 1);
+                    continue;
+                }
                 Err(e) => {
                     // EMFILE/ENFILE/ENOBUFS: the connection stays in the backlog and no new
                     // edge comes; retrying now would spin. Pause and retry from the timer.
@@ -1223,4 +1229,12 @@ fn clear_fragments(inbound: &mut Option<Box<Inbound>>) {
     if let Some(ib) = inbound.as_mut() {
         ib.fragments = None;
     }
+}
+
+/// Accept errors that retrying at once cannot fix (out of fds or kernel memory).
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }

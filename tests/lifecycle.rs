@@ -493,3 +493,45 @@ fn shipped_config_file_is_valid() {
     c.send_text("configured");
     assert_eq!(c.recv().payload, b"configured");
 }
+
+/// Sets the fd limit of another process (prlimit(2)).
+fn set_nofile(pid: u32, n: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: 20_000.max(n),
+    };
+    // SAFETY: prlimit(2) reads `lim` (a valid rlimit) and writes nothing (null old-limit).
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &lim,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn accept_backs_off_on_emfile_instead_of_spinning_and_resumes() {
+    let srv = ServerProc::start(&["--workers", "1"]);
+    let pid = srv.child.id();
+    let hard = rlimit::Resource::NOFILE.get().unwrap().1;
+    // Leave the server no free fd: every accept(2) now fails with EMFILE.
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64;
+    set_nofile(pid, open.saturating_sub(1));
+    let mut s = TcpStream::connect(srv.ws).unwrap(); // completes in the kernel's backlog
+    s.write_all(upgrade_request("/echo").as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    set_nofile(pid, hard);
+    // The waiting client is accepted on the next retry and upgraded.
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 101");
+    // About one failed attempt per 100 ms back-off, not a spin (thousands per second).
+    let errors = srv.metric("megasock_accept_errors_total");
+    assert!((1..=40).contains(&errors), "accept errors: {errors}");
+}
