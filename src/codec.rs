@@ -168,7 +168,10 @@ impl Utf8Stream {
             piece = rest;
             match simdutf8::compat::from_utf8(&self.pending[..self.len as usize]) {
                 Ok(_) => self.len = 0,
-                Err(e) if e.error_len().is_some() || self.len == 4 => return false,
+                Err(e) if e.error_len().is_some() || self.len == 4 => {
+                    self.len = 0; // the text is invalid; forget the bytes, stay usable
+                    return false;
+                }
                 Err(_) => {}
             }
         }
@@ -393,6 +396,60 @@ mod tests {
         assert_eq!(&frame[hl..], text);
         let mut bad = client_frame(0x81, &[b'o', b'k', 0xff, b'x', b'y'], Some(key));
         assert!(check_partial_text(&mut bad[hl..hl + 3], key, PartialText::default()).is_err());
+    }
+
+    /// A small deterministic generator, so the randomized tests below repeat exactly.
+    fn xorshift(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[test]
+    fn utf8_stream_agrees_with_std_on_random_input_and_splits() {
+        // Bytes biased toward the interesting ones: ASCII, continuation bytes, lead bytes of
+        // every length, and the bytes that make overlongs, surrogates and out-of-range points.
+        const PICKS: [u8; 16] = [
+            b'a', 0x80, 0x9f, 0xa0, 0xbf, 0xc0, 0xc2, 0xdf, 0xe0, 0xed, 0xef, 0xf0, 0xf4, 0xf5,
+            0xff, b' ',
+        ];
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            let len = (xorshift(&mut rng) % 12) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    let r = xorshift(&mut rng);
+                    if r % 3 == 0 {
+                        (r >> 8) as u8
+                    } else {
+                        PICKS[(r >> 8) as usize % PICKS.len()]
+                    }
+                })
+                .collect();
+            let valid = std::str::from_utf8(&bytes).is_ok();
+            let mut s = Utf8Stream::default();
+            let mut rest = &bytes[..];
+            let mut ok = true;
+            while !rest.is_empty() {
+                let cut = 1 + (xorshift(&mut rng) as usize % rest.len());
+                ok &= s.feed(&rest[..cut]);
+                rest = &rest[cut..];
+            }
+            assert_eq!(ok && s.is_complete(), valid, "{bytes:x?}");
+        }
+    }
+
+    #[test]
+    fn header_parser_never_panics_on_random_bytes() {
+        let mut rng = 42u64;
+        for _ in 0..50_000 {
+            let len = (xorshift(&mut rng) % 16) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| xorshift(&mut rng) as u8).collect();
+            if let Ok(Parsed::Frame(h)) = parse_header(&bytes, 1 << 20) {
+                assert!(h.header_len <= bytes.len() && h.header_len <= MAX_HEADER);
+            }
+        }
     }
 
     #[test]
