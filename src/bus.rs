@@ -1,9 +1,15 @@
-//! The cross-core bus: bounded lock-free rings between workers, and wake-ups that cost a
-//! syscall only when the receiver may be asleep.
+//! The cross-core bus: lock-free queues between workers bounded in bytes, and wake-ups that
+//! cost a syscall only when the receiver may be asleep.
 //!
-//! Each worker owns one inbound ring (a bounded crossbeam channel); every other worker holds a
-//! sender to it. One sender's messages to one receiver travel through that one FIFO, so
-//! per-sender order holds across workers.
+//! Each worker owns one inbound ring (a crossbeam channel); every other worker holds a sender
+//! to it. One sender's messages to one receiver travel through that one FIFO, so per-sender
+//! order holds across workers.
+//!
+//! # Bounded in bytes
+//! A ring counts the bytes it holds ([`RingState::queued`]: frames plus a fixed cost per
+//! delivery) against `--ring-capacity`. A delivery is refused only when the ring is not empty
+//! and it would pass the capacity, so one message larger than the capacity still travels, and
+//! the bytes in a ring never exceed the capacity plus one delivery per sender.
 //!
 //! # Sleeping without losing a wake-up
 //! The receiver announces sleep, then looks at its ring once more before `poll`; the sender
@@ -18,16 +24,19 @@
 //!
 //! # A full ring
 //! A message for a full ring waits in the sender's per-destination overflow queue, and every
-//! later message for that destination goes behind it (or order would break). While any
-//! overflow is non-empty the sending worker stops reading from its publishers, so memory stays
-//! bounded: backpressure to the publishers, never loss.
+//! later message for that destination goes behind it (or order would break). The sender then
+//! sets its bit in the ring's `waiting` mask and tries once more (the receiver may have
+//! drained in between); the receiver, once its ring is at most half full, clears the mask and
+//! wakes every sender in it. Only publishers whose rooms have members behind a full ring are
+//! paused ([`CrossCoreBus::blocks`]), so memory stays bounded and no message is lost.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
+use crossbeam_utils::CachePadded;
 use mio::Waker;
 
 use crate::room_index::RoomShared;
@@ -39,6 +48,12 @@ pub struct Delivery {
     pub frames: Bytes,
     /// Messages inside `frames`.
     pub messages: u32,
+}
+
+/// What a delivery costs in its ring: its frames and the delivery itself.
+#[inline]
+fn cost(d: &Delivery) -> usize {
+    d.frames.len() + std::mem::size_of::<Delivery>()
 }
 
 /// How a worker is woken.
@@ -59,29 +74,69 @@ impl Wakeup {
             false
         }
     }
+
+    /// Wakes the worker whether or not it sleeps (it may be polling with a long timeout).
+    fn force(&self) {
+        self.sleeping.store(false, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+}
+
+/// The shared side of one worker's inbound ring: its byte count and who waits for room.
+pub struct RingState {
+    queued: CachePadded<AtomicUsize>,
+    /// Bit `w` is set while worker `w` holds overflow for this ring.
+    waiting: Box<[AtomicU64]>,
+}
+
+impl RingState {
+    /// Bytes in the ring now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+}
+
+/// One ring state per worker (shared with the metrics).
+pub fn ring_states(n: usize) -> Arc<[RingState]> {
+    (0..n)
+        .map(|_| RingState {
+            queued: CachePadded::new(AtomicUsize::new(0)),
+            waiting: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        })
+        .collect()
 }
 
 /// One worker's end of the bus.
 pub struct CrossCoreBus {
     me: usize,
+    capacity: usize,
     inbound: Receiver<Delivery>,
     outbound: Vec<Sender<Delivery>>,
+    rings: Arc<[RingState]>,
     wakeups: Arc<[Arc<Wakeup>]>,
     overflow: Vec<VecDeque<Delivery>>,
+    /// Destinations whose overflow is not empty.
     overflowing: usize,
     /// Destinations pushed to since the last [`CrossCoreBus::wake_peers`].
     touched: Vec<bool>,
 }
 
-/// Builds the rings for `n` workers; `wakeups[i]` belongs to worker `i`.
-pub fn build(n: usize, capacity: usize, wakeups: Arc<[Arc<Wakeup>]>) -> Vec<CrossCoreBus> {
-    let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| crossbeam_channel::bounded(capacity)).unzip();
+/// Builds the rings for `n` workers; `wakeups[i]` and `rings[i]` belong to worker `i`.
+pub fn build(
+    capacity: usize,
+    rings: Arc<[RingState]>,
+    wakeups: Arc<[Arc<Wakeup>]>,
+) -> Vec<CrossCoreBus> {
+    let n = rings.len();
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| crossbeam_channel::unbounded()).unzip();
     rxs.into_iter()
         .enumerate()
         .map(|(me, inbound)| CrossCoreBus {
             me,
+            capacity,
             inbound,
             outbound: txs.clone(),
+            rings: rings.clone(),
             wakeups: wakeups.clone(),
             overflow: (0..n).map(|_| VecDeque::new()).collect(),
             overflowing: 0,
@@ -105,20 +160,56 @@ impl CrossCoreBus {
             self.overflow[to].push_back(d);
             return Sent::Overflow;
         }
-        match self.outbound[to].try_send(d) {
-            Ok(()) => {
-                self.touched[to] = true;
-                Sent::Ring
-            }
-            // The receiver is gone (shutting down): nobody is left to deliver to.
-            Err(TrySendError::Disconnected(_)) => Sent::Ring,
-            Err(TrySendError::Full(d)) => {
+        match self.push(to, d) {
+            Ok(()) => Sent::Ring,
+            Err(d) => {
                 self.overflow[to].push_back(d);
                 self.overflowing += 1;
-                self.touched[to] = true;
+                let word = &self.rings[to].waiting[self.me / 64];
+                word.fetch_or(1 << (self.me % 64), Ordering::SeqCst);
+                // The receiver may have drained before it could see our bit: look once more.
+                self.retry(to);
                 Sent::Overflow
             }
         }
+    }
+
+    /// Pushes if the ring has room; gives the delivery back if not.
+    fn push(&mut self, to: usize, d: Delivery) -> Result<(), Delivery> {
+        let c = cost(&d);
+        let ring = &self.rings[to].queued;
+        let before = ring.fetch_add(c, Ordering::SeqCst);
+        if before > 0 && before + c > self.capacity {
+            ring.fetch_sub(c, Ordering::SeqCst);
+            return Err(d);
+        }
+        if self.outbound[to].send(d).is_err() {
+            // The receiver is gone (shutting down): nobody is left to deliver to.
+            ring.fetch_sub(c, Ordering::SeqCst);
+        }
+        self.touched[to] = true;
+        Ok(())
+    }
+
+    /// Moves what waits for `to` into its ring while it has room.
+    fn retry(&mut self, to: usize) {
+        while let Some(d) = self.overflow[to].pop_front() {
+            if let Err(d) = self.push(to, d) {
+                self.overflow[to].push_front(d);
+                return;
+            }
+        }
+        self.overflowing -= 1;
+    }
+
+    /// Moves overflow into rings that have room again. Returns true if overflow remains.
+    pub fn retry_overflow(&mut self) -> bool {
+        for to in 0..self.overflow.len() {
+            if !self.overflow[to].is_empty() {
+                self.retry(to);
+            }
+        }
+        self.overflowing > 0
     }
 
     /// Wakes every worker sent to since the last call (once each, and only if asleep).
@@ -133,44 +224,50 @@ impl CrossCoreBus {
         n
     }
 
-    /// Moves overflow into rings that have room again. Returns true if overflow remains.
-    pub fn retry_overflow(&mut self) -> bool {
-        if self.overflowing == 0 {
-            return false;
-        }
-        for to in 0..self.overflow.len() {
-            let q = &mut self.overflow[to];
-            if q.is_empty() {
-                continue;
-            }
-            while let Some(d) = q.pop_front() {
-                match self.outbound[to].try_send(d) {
-                    Ok(()) => self.touched[to] = true,
-                    Err(TrySendError::Full(d)) => {
-                        q.push_front(d);
-                        break;
-                    }
-                    // The receiver is gone (shutting down): nobody left to deliver to.
-                    Err(TrySendError::Disconnected(_)) => {}
-                }
-            }
-            if q.is_empty() {
-                self.overflowing -= 1;
-            }
-        }
-        self.overflowing > 0
-    }
-
     /// True while some destination's ring was full and messages wait here.
     #[inline]
     pub fn is_backed_up(&self) -> bool {
         self.overflowing > 0
     }
 
+    /// True if a message published to `room` now would wait behind a full ring: its
+    /// publishers must wait (the others go on).
+    #[inline]
+    pub fn blocks(&self, room: &RoomShared) -> bool {
+        if self.overflowing == 0 {
+            return false;
+        }
+        let mut blocked = false;
+        room.for_each_other_worker(self.me, |w| blocked |= !self.overflow[w].is_empty());
+        blocked
+    }
+
     /// Takes one inbound delivery.
     #[inline]
     pub fn try_recv(&self) -> Option<Delivery> {
-        self.inbound.try_recv().ok()
+        let d = self.inbound.try_recv().ok()?;
+        self.rings[self.me]
+            .queued
+            .fetch_sub(cost(&d), Ordering::SeqCst);
+        Some(d)
+    }
+
+    /// After draining: if senders wait for room and the ring is at most half full, wake them.
+    pub fn release_waiting_senders(&self) {
+        let ring = &self.rings[self.me];
+        if ring.waiting.iter().all(|w| w.load(Ordering::SeqCst) == 0)
+            || ring.queued.load(Ordering::SeqCst) > self.capacity / 2
+        {
+            return;
+        }
+        for (i, word) in ring.waiting.iter().enumerate() {
+            let mut bits = word.swap(0, Ordering::SeqCst);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                self.wakeups[i * 64 + b].force();
+            }
+        }
     }
 
     /// Announces sleep; returns false (and cancels it) if the ring is not empty.
@@ -189,5 +286,86 @@ impl CrossCoreBus {
         self.wakeups[self.me]
             .sleeping
             .store(false, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::room_index::RoomDirectory;
+
+    fn setup(n: usize, capacity: usize) -> (Vec<CrossCoreBus>, Arc<[RingState]>, Vec<mio::Poll>) {
+        let polls: Vec<mio::Poll> = (0..n).map(|_| mio::Poll::new().unwrap()).collect();
+        let wakeups: Arc<[Arc<Wakeup>]> = polls
+            .iter()
+            .map(|p| {
+                Arc::new(Wakeup {
+                    waker: Waker::new(p.registry(), mio::Token(0)).unwrap(),
+                    sleeping: AtomicBool::new(false),
+                })
+            })
+            .collect();
+        let rings = ring_states(n);
+        (build(capacity, rings.clone(), wakeups), rings, polls)
+    }
+
+    fn delivery(room: &Arc<RoomShared>, len: usize) -> Delivery {
+        Delivery {
+            room: room.clone(),
+            frames: Bytes::from(vec![7u8; len]),
+            messages: 1,
+        }
+    }
+
+    #[test]
+    fn rings_are_bounded_in_bytes_and_keep_order_through_overflow() {
+        let (mut buses, rings, _polls) = setup(2, 64 * 1024);
+        let dir = RoomDirectory::new(2);
+        let room = dir.attach("r", 1);
+        let mut sent = 0;
+        for i in 0..40 {
+            // 40 × 16 KiB: the ring takes about 4 of them, the rest wait in overflow.
+            let mut d = delivery(&room, 16 * 1024);
+            d.messages = i;
+            buses[0].send(1, d);
+            sent += 1;
+        }
+        assert!(
+            rings[1].queued() <= 64 * 1024 + 16 * 1024 + 64,
+            "{}",
+            rings[1].queued()
+        );
+        assert!(buses[0].is_backed_up());
+        assert!(
+            buses[0].blocks(&room),
+            "room with members behind the full ring"
+        );
+        let other = dir.attach("elsewhere", 0);
+        assert!(
+            !buses[0].blocks(&other),
+            "a room with no members there goes on"
+        );
+        let mut seen = Vec::new();
+        while seen.len() < sent {
+            while let Some(d) = buses[1].try_recv() {
+                seen.push(d.messages);
+            }
+            buses[1].release_waiting_senders();
+            buses[0].retry_overflow();
+        }
+        assert_eq!(seen, (0..40).collect::<Vec<_>>(), "order kept");
+        assert_eq!(rings[1].queued(), 0);
+        assert!(!buses[0].is_backed_up());
+    }
+
+    #[test]
+    fn a_message_bigger_than_the_ring_still_travels() {
+        let (mut buses, rings, _polls) = setup(2, 4096);
+        let dir = RoomDirectory::new(2);
+        let room = dir.attach("r", 1);
+        assert_eq!(buses[0].send(1, delivery(&room, 100_000)), Sent::Ring);
+        assert!(rings[1].queued() > 100_000);
+        assert!(buses[1].try_recv().is_some());
+        assert_eq!(rings[1].queued(), 0);
     }
 }

@@ -10,7 +10,7 @@
 use std::io::Cursor;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
+use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
 /// Longest possible frame header (2 + 8 length bytes + 4 mask bytes).
@@ -229,7 +229,7 @@ pub fn check_close_payload(payload: &[u8]) -> Result<Option<u16>, Violation> {
         1 => Err(Violation::protocol("close payload of one byte")),
         _ => {
             let code = u16::from_be_bytes([payload[0], payload[1]]);
-            if !CloseCode::from(code).is_allowed() {
+            if !close_code_allowed(code) {
                 return Err(Violation::protocol("invalid close code"));
             }
             if simdutf8::basic::from_utf8(&payload[2..]).is_err() {
@@ -241,6 +241,13 @@ pub fn check_close_payload(payload: &[u8]) -> Result<Option<u16>, Violation> {
             Ok(Some(code))
         }
     }
+}
+
+/// Close codes a peer may send: the RFC 6455 ones, 1012-1014 from the IANA registry
+/// (service restart, try again later, bad gateway), and the 3000-4999 application range.
+/// 1004-1006 and 1015 are reserved for local use and never appear on the wire.
+pub fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 /// Server opcodes (server frames are never masked).
@@ -502,6 +509,12 @@ mod tests {
             1002
         );
         assert_eq!(check_close_payload(&4000u16.to_be_bytes()), Ok(Some(4000)));
+        for code in [1012u16, 1013, 1014] {
+            assert_eq!(check_close_payload(&code.to_be_bytes()), Ok(Some(code)));
+        }
+        for code in [1004u16, 1006, 1015, 1016, 2999, 5000] {
+            assert!(check_close_payload(&code.to_be_bytes()).is_err(), "{code}");
+        }
         let mut bad = 1000u16.to_be_bytes().to_vec();
         bad.push(0xff);
         assert_eq!(check_close_payload(&bad).unwrap_err().code, 1007);

@@ -94,10 +94,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION")]
     pub drain_timeout: Option<HumanDuration>,
 
-    /// Capacity of each cross-core ring, in messages; a full ring pauses the publishers of the
-    /// sending worker (no message is lost). [default: 16384]
-    #[arg(long, value_name = "N")]
-    pub ring_capacity: Option<usize>,
+    /// Bytes queued in each cross-core ring (a worker's inbox from the others); a full ring
+    /// pauses only the publishers whose rooms need it (no message is lost). [default: 4MiB]
+    #[arg(long, value_name = "SIZE")]
+    pub ring_capacity: Option<ByteSize>,
 
     /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz). [default: off]
     #[arg(long, value_name = "ADDR")]
@@ -126,6 +126,7 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub close_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Bytes per cross-core ring.
     pub ring_capacity: usize,
     pub metrics_listen: Option<SocketAddr>,
     pub ready_file: Option<PathBuf>,
@@ -234,9 +235,12 @@ impl ServeArgs {
         let idle_timeout = positive("idle-timeout", self.idle_timeout, 75)?;
         let close_timeout = positive("close-timeout", self.close_timeout, 2)?;
         let drain_timeout = self.drain_timeout.map_or(Duration::from_secs(10), |d| d.0);
-        let ring_capacity = self.ring_capacity.unwrap_or(16384);
-        if ring_capacity == 0 {
-            return Err(err("ring-capacity", "must be at least 1"));
+        let ring_capacity = self.ring_capacity.map_or(4 << 20, |b| b.0);
+        if !(4096..=1 << 30).contains(&ring_capacity) {
+            return Err(err(
+                "ring-capacity",
+                "must be between 4KiB and 1GiB (it is a size in bytes since 0.2: try 4MiB)",
+            ));
         }
         Ok(Config {
             listen,

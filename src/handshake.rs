@@ -75,7 +75,7 @@ pub fn parse(buf: &[u8]) -> Upgrade<'_> {
     }
     let method = req.method.unwrap_or("");
     let raw_path = req.path.unwrap_or("");
-    let path = raw_path.split('?').next().unwrap_or("");
+    let path = origin_form(raw_path).split('?').next().unwrap_or("");
     let route = if path == "/echo" {
         Route::Echo
     } else if let Some(room) = path.strip_prefix("/ws/") {
@@ -93,27 +93,56 @@ pub fn parse(buf: &[u8]) -> Upgrade<'_> {
         return reject(405, "only GET can upgrade to WebSocket");
     }
 
-    let mut host = false;
+    let mut host: Option<&[u8]> = None;
     let mut upgrade = false;
     let mut connection_upgrade = false;
     let mut version: Option<&[u8]> = None;
     let mut key: Option<&[u8]> = None;
+    let mut content_length: Option<&[u8]> = None;
+    let mut transfer_encoding = false;
+    // A header that must appear once, seen twice: which value counts is ambiguous, and two
+    // parsers (a proxy in front, this server) could pick differently. Refuse.
+    fn once<'h>(slot: &mut Option<&'h [u8]>, value: &'h [u8]) -> bool {
+        slot.replace(trim(value)).is_none()
+    }
     for h in req.headers.iter() {
         let name = h.name;
-        if name.eq_ignore_ascii_case("host") {
-            host = true;
+        let unique = if name.eq_ignore_ascii_case("host") {
+            once(&mut host, h.value)
         } else if name.eq_ignore_ascii_case("upgrade") {
             upgrade |= has_token(h.value, b"websocket");
+            true
         } else if name.eq_ignore_ascii_case("connection") {
             connection_upgrade |= has_token(h.value, b"upgrade");
+            true
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
-            version = Some(trim(h.value));
+            once(&mut version, h.value)
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
-            key = Some(trim(h.value));
+            once(&mut key, h.value)
+        } else if name.eq_ignore_ascii_case("content-length") {
+            // RFC 9112 6.3: repeated identical lengths may be merged; different ones may not.
+            let v = trim(h.value);
+            let same = content_length.is_none_or(|c| c == v);
+            content_length = Some(v);
+            same
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_encoding = true;
+            true
+        } else {
+            true
+        };
+        if !unique {
+            return reject(400, "duplicate header (Host, Sec-WebSocket-Key, Sec-WebSocket-Version or Content-Length)");
         }
     }
-    if !host {
-        return reject(400, "missing Host header");
+    if transfer_encoding && content_length.is_some() {
+        return reject(
+            400,
+            "both Transfer-Encoding and Content-Length (RFC 9112 6.3)",
+        );
+    }
+    if host.is_none_or(|h| h.is_empty()) {
+        return reject(400, "missing or empty Host header");
     }
     if !upgrade || !connection_upgrade {
         return reject(
@@ -134,6 +163,20 @@ pub fn parse(buf: &[u8]) -> Upgrade<'_> {
         response: switching_protocols(key),
         consumed,
     }
+}
+
+/// The path of a request target: an absolute-form target (`http://host/ws/x`, as some
+/// proxies send) is routed by its path, like the origin form (`/ws/x`).
+fn origin_form(target: &str) -> &str {
+    let Some(rest) = target
+        .strip_prefix("http://")
+        .or_else(|| target.strip_prefix("https://"))
+        .or_else(|| target.strip_prefix("ws://"))
+        .or_else(|| target.strip_prefix("wss://"))
+    else {
+        return target;
+    };
+    rest.find('/').map_or("/", |i| &rest[i..])
 }
 
 /// `1-128 bytes of A-Za-z0-9._:-, not . or ..`, on the raw path (no percent-decoding).
@@ -259,5 +302,39 @@ mod tests {
         assert_eq!(status("GET /echo HTTP/1.1\r\nHost: x\r\n"), 0);
         let huge = format!("GET /echo HTTP/1.1\r\nX: {}\r\n", "a".repeat(9000));
         assert_eq!(status(&huge), 431);
+    }
+
+    #[test]
+    fn ambiguous_heads_are_refused() {
+        let dup = |h: &str| GOOD.replace("\r\n\r\n", &format!("\r\n{h}\r\n\r\n"));
+        assert_eq!(status(&dup("Host: y")), 400);
+        assert_eq!(
+            status(&dup("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==")),
+            400
+        );
+        assert_eq!(status(&dup("Sec-WebSocket-Version: 13")), 400);
+        assert_eq!(status(&GOOD.replace("Host: x", "Host: ")), 400);
+        assert_eq!(
+            status(&dup("Content-Length: 0\r\nTransfer-Encoding: chunked")),
+            400
+        );
+        assert_eq!(status(&dup("Content-Length: 0\r\nContent-Length: 5")), 400);
+        assert_eq!(status(&dup("Content-Length: 0\r\nContent-Length: 0")), 101);
+        assert_eq!(status(&dup("X-Other: 1\r\nX-Other: 2")), 101);
+    }
+
+    #[test]
+    fn absolute_form_targets_route_by_path() {
+        for target in ["http://example.com/ws/lobby", "ws://h:8080/ws/lobby?x=1"] {
+            let req = GOOD.replace("/ws/lobby", target);
+            let Upgrade::Accept { route, .. } = parse(req.as_bytes()) else {
+                panic!("{target} should upgrade")
+            };
+            assert_eq!(route, Route::Room("lobby"));
+        }
+        assert_eq!(
+            status(&GOOD.replace("/ws/lobby", "http://example.com")),
+            404
+        );
     }
 }

@@ -4,7 +4,8 @@
 //! The path of the data names the modules: a connection is accepted by a [`worker`] on its
 //! [`listener`], upgraded by the [`handshake`], framed by the [`codec`], routed by the
 //! [`room_index`] (and across cores by the [`bus`]), queued in an [`outbox`], and written.
-//! [`connection`] holds the per-connection state machine, [`timer_wheel`] its deadlines.
+//! [`session`] is the protocol of one connection without sockets (bytes in, actions out);
+//! [`connection`] is what a worker holds per socket, [`timer_wheel`] its deadlines.
 
 pub mod admin;
 pub mod bus;
@@ -19,6 +20,7 @@ pub mod outbox;
 pub mod plan;
 pub mod room_index;
 pub mod server;
+pub mod session;
 pub mod timer_wheel;
 pub mod worker;
 

@@ -30,12 +30,17 @@ enum Command {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    // A worker that panicked would leave its clients hanging while the others run on: take
-    // the whole process down so the supervisor restarts it (release builds abort anyway).
+    // A panic in a worker is caught by its thread, which drains the other workers and makes
+    // the process exit non-zero (server.rs). Any other thread's panic ends the process now.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default_hook(info);
-        std::process::exit(101);
+        let worker = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("megasock-w"));
+        if !worker {
+            std::process::exit(101);
+        }
     }));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

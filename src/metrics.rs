@@ -8,7 +8,11 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
+use std::sync::Arc;
+
 use crossbeam_utils::CachePadded;
+
+use crate::bus::RingState;
 
 /// Why a connection ended. Each variant is one `reason` label of
 /// `megasock_disconnects_total`.
@@ -153,12 +157,15 @@ type Field = fn(&WorkerStats) -> &AtomicU64;
 /// The counters of all workers.
 pub struct Metrics {
     pub workers: Box<[CachePadded<WorkerStats>]>,
+    /// Each worker's inbound cross-core ring (bytes queued), shared with the bus.
+    pub rings: Arc<[RingState]>,
 }
 
 impl Metrics {
     pub fn new(workers: usize) -> Metrics {
         Metrics {
             workers: (0..workers).map(|_| CachePadded::default()).collect(),
+            rings: crate::bus::ring_states(workers),
         }
     }
 
@@ -183,6 +190,17 @@ impl Metrics {
                 out,
                 "megasock_connections{{worker=\"{i}\"}} {}",
                 w.connections.load(Relaxed)
+            );
+        }
+        out.push_str(
+            "# HELP megasock_bus_queued_bytes Bytes waiting in each worker's inbound cross-core ring.\n",
+        );
+        out.push_str("# TYPE megasock_bus_queued_bytes gauge\n");
+        for (i, r) in self.rings.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "megasock_bus_queued_bytes{{worker=\"{i}\"}} {}",
+                r.queued()
             );
         }
         out.push_str(

@@ -12,16 +12,63 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+
+use crate::codec::{self, OutKind};
 
 /// How many frames one `writev` takes at most (well under IOV_MAX = 1024).
 const MAX_IOV: usize = 256;
 
-/// Whole frames, shared with other recipients.
+/// Whole frames, shared with other recipients (cloning is a refcount increment).
+#[derive(Clone)]
 pub struct Chunk {
     pub bytes: Bytes,
     /// Data messages inside (control frames count zero).
     pub messages: u32,
+}
+
+/// Frames encoded one after another into one buffer (a room's messages of one turn, or the
+/// echoes of one read), handed out whole as one [`Chunk`] for every recipient to share.
+#[derive(Default)]
+pub struct FrameBatch {
+    frames: BytesMut,
+    messages: u32,
+}
+
+impl FrameBatch {
+    /// Appends one data message as a frame.
+    #[inline]
+    pub fn push(&mut self, kind: OutKind, payload: &[u8]) {
+        codec::encode_into(&mut self.frames, kind, payload);
+        self.messages += 1;
+    }
+
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// The frames so far as one shared chunk. The buffer goes with it (taken whole, not
+    /// split), so an idle room or connection keeps no allocation pinned behind a sent batch.
+    pub fn take(&mut self) -> Option<Chunk> {
+        if self.frames.is_empty() {
+            return None;
+        }
+        Some(Chunk {
+            bytes: std::mem::take(&mut self.frames).freeze(),
+            messages: std::mem::take(&mut self.messages),
+        })
+    }
+
+    /// Bytes allocated (zero between turns).
+    pub fn capacity(&self) -> usize {
+        self.frames.capacity()
+    }
 }
 
 #[derive(Default)]
@@ -188,6 +235,30 @@ mod tests {
         assert_eq!(w.out, b"hello wide world");
         assert_eq!(o.queued(), 0);
         assert_eq!(o.frames.capacity(), 0, "storage released when empty");
+    }
+
+    #[test]
+    fn a_taken_batch_leaves_no_buffer_behind_and_owns_its_bytes() {
+        let mut batch = FrameBatch::default();
+        batch.push(OutKind::Text, b"hello");
+        batch.push(OutKind::Binary, &[1u8; 300]);
+        let chunk = batch.take().unwrap();
+        assert_eq!(chunk.messages, 2);
+        assert_eq!(chunk.bytes.len(), 2 + 5 + 4 + 300);
+        assert_eq!(batch.capacity(), 0, "the builder keeps nothing");
+        assert!(batch.take().is_none());
+        // The only reference is the chunk's: once every recipient wrote it, memory is freed.
+        assert!(chunk.bytes.is_unique());
+        let mut o = Outbox::default();
+        o.push_chunk(chunk);
+        let mut w = Trickle {
+            out: vec![],
+            budget: usize::MAX,
+        };
+        let (mut s, mut b, mut m) = (0, 0, 0);
+        while o.flush(&mut w, &mut s, &mut b, &mut m).unwrap() != Flushed::All {}
+        assert_eq!(m, 2);
+        assert_eq!(o.frames.capacity(), 0);
     }
 
     #[test]

@@ -14,8 +14,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
 use slab::Slab;
+
+use crate::outbox::FrameBatch;
 
 /// What every worker knows about a room.
 pub struct RoomShared {
@@ -122,8 +123,7 @@ pub struct LocalRoom {
     pub shared: Arc<RoomShared>,
     pub members: Vec<u32>,
     /// Frames published here this loop turn, sent together at the end of the turn.
-    pub batch: BytesMut,
-    pub batch_messages: u32,
+    pub batch: FrameBatch,
 }
 
 /// Where a member sits, kept by the connection.
@@ -150,8 +150,7 @@ impl RoomIndex {
                 let r = self.rooms.insert(LocalRoom {
                     shared,
                     members: Vec::new(),
-                    batch: BytesMut::new(),
-                    batch_messages: 0,
+                    batch: FrameBatch::default(),
                 }) as u32;
                 self.by_name.insert(name.into(), r);
                 self.by_id.insert(id, r);

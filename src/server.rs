@@ -5,7 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::config::Config;
@@ -49,6 +49,7 @@ impl Server {
             reject_headroom: (limits::fd_reserve(fd.soft, workers) / 2) as usize,
             sockets: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
+            failure: Mutex::new(None),
             metrics: Metrics::new(workers),
             rooms: RoomDirectory::new(workers),
             wakeups,
@@ -72,6 +73,7 @@ impl Server {
         for (id, ((poll, lst), bus)) in polls.into_iter().zip(listeners).zip(buses).enumerate() {
             let w = Worker::new(id, poll, lst, bus, shared.clone())?;
             let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+            let worker_shared = shared.clone();
             let t = std::thread::Builder::new()
                 .name(format!("megasock-w{id}"))
                 .spawn(move || {
@@ -80,7 +82,17 @@ impl Server {
                             log::warn!("worker {id}: could not pin to core {}", c.id);
                         }
                     }
-                    w.run()
+                    // A worker that dies must not leave the process serving degraded: the
+                    // others drain and the process exits non-zero (see `Server::join`).
+                    let outcome =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run()));
+                    let cause = match outcome {
+                        Ok(Ok(())) => return Ok(()),
+                        Ok(Err(e)) => format!("event loop error: {e}"),
+                        Err(panic) => format!("panicked: {}", panic_message(&panic)),
+                    };
+                    worker_shared.worker_failed(id, cause.clone());
+                    Err(io::Error::other(cause))
                 })?;
             threads.push(t);
         }
@@ -151,16 +163,22 @@ impl Server {
         &self.shared
     }
 
-    /// Waits for every worker to finish.
+    /// Waits for every worker to finish. An error if a worker failed (the others drained).
     pub fn join(self) -> io::Result<()> {
-        let mut result = Ok(());
         for t in self.threads {
-            match t.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => result = Err(e),
-                Err(_) => result = Err(io::Error::other("a worker panicked")),
-            }
+            let _ = t.join();
         }
-        result
+        match self.shared.failed() {
+            Some(cause) => Err(io::Error::other(cause)),
+            None => Ok(()),
+        }
     }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic payload".into())
 }

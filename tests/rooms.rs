@@ -90,7 +90,7 @@ fn room_fan_out_across_four_workers() {
 
 #[test]
 fn full_rings_hold_messages_back_instead_of_losing_them() {
-    let srv = ServerProc::start(&["--workers", "4", "--ring-capacity", "2"]);
+    let srv = ServerProc::start(&["--workers", "4", "--ring-capacity", "4KiB"]);
     fan_out(&srv, "tiny-rings", 40, 4, 400);
     assert!(
         srv.metric("megasock_bus_overflowed_total") > 0,

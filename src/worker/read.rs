@@ -1,0 +1,210 @@
+//! Reading: bytes from a ready socket into the worker's scratch buffer, fed to the
+//! connection's [`Session`]; the session's actions come back through [`Dispatch`], the
+//! worker's side of the [`Host`] contract.
+
+use std::io::{self, Read};
+
+use bytes::Bytes;
+
+use super::{Worker, NOBODY, READS_PER_TURN};
+use crate::codec::{Kind, OutKind};
+use crate::connection::{ready, Connection};
+use crate::handshake::Route;
+use crate::metrics::{Disconnect, WorkerStats};
+use crate::session::{Due, Host, Session};
+
+impl Worker {
+    /// Reads a ready connection until the socket is drained, the read budget is spent, its
+    /// room's ring is full, or the connection closes.
+    pub(super) fn on_readable(&mut self, key: u32, to_the_end: bool) {
+        if self.publisher_blocked(&self.conns[key as usize]) {
+            self.defer_read(key, true);
+            return;
+        }
+        self.conns[key as usize].clear(ready::PAUSED);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut reads = 0;
+        while let Some(conn) = self.conns.get_mut(key as usize) {
+            let n = match (&conn.stream).read(&mut scratch) {
+                Ok(0) => {
+                    self.on_eof(key);
+                    break;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.fail_io(key);
+                    break;
+                }
+            };
+            self.tally.bytes_in += n as u64;
+            let now = self.now;
+            let lim = self.limits;
+            self.with_session(key, |s, host| s.receive(&mut scratch[..n], &lim, now, host));
+            reads += 1;
+            if n < scratch.len() && !to_the_end {
+                break; // drained: the next byte brings a new edge
+            }
+            let blocked = self.publisher_blocked(&self.conns[key as usize]);
+            if reads >= READS_PER_TURN || blocked {
+                self.defer_read(key, blocked);
+                break;
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// A member of a room whose messages would wait behind a full ring: reading it would
+    /// only pile up more. Others (echo, rooms with no members behind that ring) go on.
+    pub(super) fn publisher_blocked(&self, c: &Connection) -> bool {
+        self.bus.is_backed_up()
+            && c.session.accepts_data()
+            && c.membership()
+                .is_some_and(|m| self.bus.blocks(&self.rooms.get(m.room).shared))
+    }
+
+    fn defer_read(&mut self, key: u32, paused: bool) {
+        let c = &mut self.conns[key as usize];
+        if paused && !c.has(ready::PAUSED) {
+            c.set(ready::PAUSED);
+            WorkerStats::add(&self.shared.metrics.workers[self.id].publisher_pauses, 1);
+        }
+        if !c.has(ready::IN_BACKLOG) {
+            c.set(ready::IN_BACKLOG);
+            self.backlog.push((key, c.generation));
+        }
+    }
+
+    pub(super) fn read_backlog(&mut self) {
+        if self.backlog.is_empty() {
+            return;
+        }
+        let list = std::mem::take(&mut self.backlog);
+        for (key, generation) in list {
+            if !self.is_current(key, generation) {
+                continue;
+            }
+            self.conns[key as usize].clear(ready::IN_BACKLOG);
+            self.on_readable(key, true);
+        }
+    }
+
+    fn on_eof(&mut self, key: u32) {
+        let now = self.now;
+        let lim = self.limits;
+        match self.with_session(key, |s, host| s.eof(now, &lim, host)) {
+            Due::Drop => self.drop_conn(key),
+            Due::At(_) if self.conns[key as usize].outbox.is_empty() => self.drop_conn(key),
+            Due::At(at) => {
+                self.schedule(key, at);
+                self.flush(key); // drops the connection once everything is written
+            }
+        }
+    }
+
+    /// Runs `f` on the connection's session with the worker as its host. The session leaves
+    /// its slot meanwhile (a stand-in with the same phase takes it), so the host may route
+    /// messages anywhere, this connection included; nothing drops a connection in between.
+    /// Afterwards the connection's own output is queued, its backpressure judged, and its
+    /// timer set for its new phase if it changed.
+    pub(super) fn with_session<R>(
+        &mut self,
+        key: u32,
+        f: impl FnOnce(&mut Session, &mut Dispatch<'_>) -> R,
+    ) -> R {
+        debug_assert_eq!(self.feeding, NOBODY, "sessions are fed one at a time");
+        let slot = &mut self.conns[key as usize].session;
+        let stand_in = slot.stand_in();
+        let mut session = std::mem::replace(slot, stand_in);
+        let phase = session.phase();
+        self.feeding = key;
+        let r = f(&mut session, &mut Dispatch { w: self, key });
+        self.feeding = NOBODY;
+        let moved_on = session.phase() != phase;
+        self.conns[key as usize].session = session;
+        self.flush_echoes(key);
+        self.judge_backpressure(key);
+        if moved_on {
+            self.reschedule(key); // each phase has its own clock
+        }
+        r
+    }
+
+    /// Queues the echoes gathered from one read as one chunk: one allocation per read, not
+    /// per message. The builder is taken whole, so no buffer stays pinned behind it.
+    pub(super) fn flush_echoes(&mut self, key: u32) {
+        if let Some(chunk) = self.echoes.take() {
+            self.enqueue(key, chunk);
+        }
+    }
+}
+
+/// The worker as a session's host, for one connection.
+pub(super) struct Dispatch<'w> {
+    w: &'w mut Worker,
+    key: u32,
+}
+
+impl Host for Dispatch<'_> {
+    fn upgraded(&mut self, route: Route<'_>) {
+        let w = &mut *self.w;
+        WorkerStats::add(&w.stats().handshakes, 1);
+        if let Route::Room(name) = route {
+            #[cfg(debug_assertions)]
+            fault_injection(name);
+            let m = w.rooms.join(&w.shared.rooms, w.id, name, self.key);
+            w.conns[self.key as usize].join(m);
+        }
+    }
+
+    fn message(&mut self, kind: Kind, payload: &[u8]) {
+        let w = &mut *self.w;
+        w.tally.messages_in += 1;
+        let out = if kind == Kind::Text {
+            OutKind::Text
+        } else {
+            OutKind::Binary
+        };
+        match w.conns[self.key as usize].membership() {
+            None => w.echoes.push(out, payload),
+            Some(m) => w.publish(m.room, out, payload),
+        }
+    }
+
+    fn send(&mut self, bytes: Bytes) {
+        let w = &mut *self.w;
+        w.flush_echoes(self.key); // replies keep the order the client sent in
+        w.conns[self.key as usize].outbox.push(bytes);
+        w.mark_dirty(self.key);
+    }
+
+    fn before_close(&mut self) {
+        let w = &mut *self.w;
+        w.flush_echoes(self.key);
+        if let Some(m) = w.conns[self.key as usize].membership() {
+            w.flush_room_batch(m.room);
+        }
+    }
+
+    fn ended(&mut self, why: Disconnect) {
+        self.w.stats().disconnect(why);
+    }
+
+    fn http_status(&mut self, status: u16) {
+        self.w.stats().http_status(status);
+    }
+
+    fn pinged(&mut self) {
+        WorkerStats::add(&self.w.stats().pings_sent, 1);
+    }
+}
+
+/// Debug builds only: `MEGASOCK_TEST_FAULTS=1` makes joining the room `__worker_panic__`
+/// panic the worker, so the tests can check what a dying worker does to the process.
+#[cfg(debug_assertions)]
+fn fault_injection(room: &str) {
+    if room == "__worker_panic__" && std::env::var_os("MEGASOCK_TEST_FAULTS").is_some() {
+        panic!("injected fault (MEGASOCK_TEST_FAULTS)");
+    }
+}
