@@ -228,6 +228,8 @@ pub struct Worker {
     echoes: FrameBatch,
     /// The connection whose session is out of its slot being fed (see `read::with_session`).
     feeding: u32,
+    /// The connection being fed went over `--max-backpressure` (closed once it is back).
+    feeding_over_limit: bool,
     tally: Tally,
 }
 
@@ -282,6 +284,7 @@ impl Worker {
             turns: TurnTimes::new(),
             echoes: FrameBatch::default(),
             feeding: NOBODY,
+            feeding_over_limit: false,
             tally: Tally::default(),
         })
     }

@@ -107,23 +107,25 @@ impl Worker {
 
     /// Queues a chunk for a connection, applying the backpressure limit (module docs).
     pub(super) fn enqueue(&mut self, key: u32, chunk: Chunk) {
-        // The connection being fed is judged once its read is done (`with_session`): its
-        // session is out of its slot and its queue grows by at most one read's replies.
-        if key != self.feeding {
-            let conn = &self.conns[key as usize];
-            if !conn.session.accepts_data() {
-                self.stats().dropped[DropReason::RecipientClosing as usize]
-                    .fetch_add(chunk.messages as u64, Ordering::Relaxed);
-                return;
-            }
-            if self.over_limit(key, chunk.bytes.len()) {
-                let dropped = chunk.messages as u64;
-                match self.config().slow_consumer {
-                    SlowConsumerPolicy::Drop => self.count_slow_drop(dropped),
-                    SlowConsumerPolicy::Close => self.close_slow_consumer(key, dropped),
+        let feeding = key == self.feeding;
+        // The session being fed is out of its slot (`with_session`); it is open if it emits.
+        if !feeding && !self.conns[key as usize].session.accepts_data() {
+            self.stats().dropped[DropReason::RecipientClosing as usize]
+                .fetch_add(chunk.messages as u64, Ordering::Relaxed);
+            return;
+        }
+        if self.over_limit(key, chunk.bytes.len()) {
+            let refused = chunk.messages as u64;
+            match self.config().slow_consumer {
+                SlowConsumerPolicy::Drop => self.count_slow_drop(refused),
+                // Its session is closed once the read is done (`judge_backpressure`).
+                SlowConsumerPolicy::Close if feeding => {
+                    self.feeding_over_limit = true;
+                    self.count_slow_drop(refused);
                 }
-                return;
+                SlowConsumerPolicy::Close => self.close_slow_consumer(key, refused),
             }
+            return;
         }
         self.conns[key as usize].outbox.push_chunk(chunk);
         self.mark_dirty(key);
@@ -147,13 +149,10 @@ impl Worker {
         over(self)
     }
 
-    /// After a read: the connection's own replies (echoes, pongs) may have taken it past the
-    /// limit.
+    /// After a session was fed: if its own output (echoes, its copy of its room's messages)
+    /// went over the limit meanwhile, it is closed now that its session is back in place.
     pub(super) fn judge_backpressure(&mut self, key: u32) {
-        if self.config().slow_consumer == SlowConsumerPolicy::Close
-            && self.conns[key as usize].session.accepts_data()
-            && self.over_limit(key, 0)
-        {
+        if std::mem::take(&mut self.feeding_over_limit) {
             self.close_slow_consumer(key, 0);
         }
     }
