@@ -535,9 +535,8 @@ fn reference(frames: &[Gen]) -> Vec<Ev> {
         let control = f.opcode >= 8;
         let len = f.payload.len();
         let in_progress = fragments.as_ref().map_or(0, |(_, d)| d.len());
-        let verdict = if f.rsv != 0 || !f.masked || ![0, 1, 2, 8, 9, 10].contains(&f.opcode) {
-            Some(1002)
-        } else if control && (!f.fin || len > 125) {
+        let bad_header = f.rsv != 0 || !f.masked || ![0, 1, 2, 8, 9, 10].contains(&f.opcode);
+        let verdict = if bad_header || (control && (!f.fin || len > 125)) {
             Some(1002)
         } else if !control && len > MAX - in_progress {
             Some(1009)
