@@ -5,7 +5,9 @@
 #
 #   scripts/bench-matrix.sh [ROUNDS] [SCENARIO...]     default: 3 rounds, all scenarios
 #
-# Environment: SERVERS="megasock-1w uws" runs a subset; BROADCAST_OPTS, ECHO_OPTS,
+# Environment: SERVERS="megasock-1w uws" runs a subset; BASELINE_BIN_DIR=DIR adds the server
+# megasock-baseline (DIR/megasock, e.g. a build of an older commit, placed like megasock-1w) for
+# before/after comparisons in the same alternating run; BROADCAST_OPTS, ECHO_OPTS,
 # CONNECT_OPTS, LADDER_OPTS replace a scenario's options (e.g. BROADCAST_OPTS="--subs 2000
 # --pubs 4 --msgs 2500 --size 64" for runs long enough to measure the server's CPU time).
 #
@@ -31,7 +33,19 @@ declare -A server_opts=(
   [uws]="--peer uws --split"
   [node-ws]="--peer node-ws --split"
 )
-read -r -a servers <<<"${SERVERS:-megasock-1w megasock-2w uws node-ws}"
+default_servers="megasock-1w megasock-2w uws node-ws"
+if [ -n "${BASELINE_BIN_DIR:-}" ]; then
+  [ -x "$BASELINE_BIN_DIR/megasock" ] || {
+    echo "bench-matrix: BASELINE_BIN_DIR=$BASELINE_BIN_DIR has no megasock binary" >&2
+    exit 2
+  }
+  # The baseline server with this tree's load generator, so only the server differs.
+  ln -sf "$(pwd)/$bench" "$BASELINE_BIN_DIR/megasock-bench" 2>/dev/null ||
+    cp "$bench" "$BASELINE_BIN_DIR/megasock-bench"
+  server_opts[megasock-baseline]="--workers 1 --pin --split"
+  default_servers="megasock-baseline $default_servers"
+fi
+read -r -a servers <<<"${SERVERS:-$default_servers}"
 
 declare -A scenario_opts=(
   [broadcast]="--subs 2000 --pubs 4 --msgs 250 --size 64"
@@ -60,8 +74,10 @@ for scenario in "${scenarios[@]}"; do
     for server in "${servers[@]}"; do
       dir="$out/$scenario/$server-$round"
       mkdir -p "$out/$scenario"
+      bin_dir=""
+      [ "$server" != megasock-baseline ] || bin_dir=$BASELINE_BIN_DIR
       # shellcheck disable=SC2086 # option lists are word-split on purpose
-      if ! scripts/bench.sh "$scenario" --no-build --out "$dir" ${server_opts[$server]} \
+      if ! BENCH_BIN_DIR=$bin_dir scripts/bench.sh "$scenario" --no-build --out "$dir" ${server_opts[$server]} \
         ${scenario_opts[$scenario]} >"$dir.log" 2>&1; then
         echo "bench-matrix: $scenario against $server (round $round) failed; see $dir.log" >&2
       fi
