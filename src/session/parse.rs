@@ -1,0 +1,316 @@
+//! Reading a session's input: the request head (its end searched from where the last read
+//! stopped), then frames, parsed in place, unmasked, checked, and routed through the host.
+//! Every failure ends in `Session::fail`: one close frame, and nothing read after it.
+
+use super::*;
+
+/// Bytes kept between reads, allocated only while needed.
+#[derive(Default)]
+pub(super) struct Inbound {
+    /// Raw bytes of an incomplete request head or frame. Grows with what arrives, never with
+    /// what a header announces.
+    pub(super) stash: Vec<u8>,
+    /// A fragmented message being reassembled.
+    pub(super) fragments: Option<Fragments>,
+    /// How much of the partial frame at the start of `stash` was already unmasked and checked.
+    partial: PartialText,
+    /// Handshake: bytes of the head already searched for its end.
+    scanned: u32,
+}
+
+pub(super) struct Fragments {
+    kind: Kind,
+    pub(super) data: Vec<u8>,
+    utf8: Utf8Stream,
+}
+
+impl Inbound {
+    pub(super) fn is_idle(&self) -> bool {
+        self.stash.is_empty() && self.fragments.is_none()
+    }
+}
+
+impl Session {
+    /// Consumes what it can of `buf`; returns the bytes used (all of them once lingering).
+    pub(super) fn consume<H: Host>(
+        &mut self,
+        buf: &mut [u8],
+        ib: &mut Option<Box<Inbound>>,
+        lim: &Limits,
+        now: u32,
+        host: &mut H,
+    ) -> usize {
+        let used = match self.phase {
+            Phase::Handshake => self.consume_request(buf, ib, lim, now, host),
+            Phase::Open | Phase::Closing => self.consume_frames(buf, ib, lim, now, host),
+            Phase::Lingering => buf.len(),
+        };
+        if self.phase == Phase::Lingering {
+            buf.len()
+        } else {
+            used
+        }
+    }
+
+    fn consume_request<H: Host>(
+        &mut self,
+        buf: &mut [u8],
+        ib: &mut Option<Box<Inbound>>,
+        lim: &Limits,
+        now: u32,
+        host: &mut H,
+    ) -> usize {
+        let from = ib.as_ref().map_or(0, |ib| ib.scanned as usize);
+        let Some(end) = head_end(buf, from) else {
+            if buf.len() > handshake::MAX_HEAD {
+                self.reject(
+                    handshake::Rejection {
+                        status: 431,
+                        reason: "request head over 8 KiB",
+                    },
+                    now,
+                    host,
+                );
+                return buf.len();
+            }
+            ib.get_or_insert_with(Box::default).scanned = buf.len() as u32;
+            return 0;
+        };
+        match handshake::parse(&buf[..end]) {
+            Upgrade::Incomplete => {
+                // Our end-of-head guess was early (httparse wants more): search on from it.
+                ib.get_or_insert_with(Box::default).scanned = end as u32;
+                0
+            }
+            Upgrade::Reject(r) => {
+                self.reject(r, now, host);
+                buf.len()
+            }
+            Upgrade::Accept {
+                route,
+                response,
+                consumed,
+            } => {
+                debug_assert_eq!(consumed, end);
+                host.http_status(101);
+                host.upgraded(route);
+                host.send(response);
+                if let Some(ib) = ib.as_mut() {
+                    ib.scanned = 0;
+                }
+                self.enter(Phase::Open, now);
+                end + self.consume_frames(&mut buf[end..], ib, lim, now, host)
+            }
+        }
+    }
+
+    fn reject<H: Host>(&mut self, r: handshake::Rejection, now: u32, host: &mut H) {
+        host.http_status(r.status);
+        host.ended(Disconnect::HttpRejected);
+        host.send(handshake::error_response(r));
+        self.enter(Phase::Lingering, now);
+    }
+
+    fn consume_frames<H: Host>(
+        &mut self,
+        buf: &mut [u8],
+        ib: &mut Option<Box<Inbound>>,
+        lim: &Limits,
+        now: u32,
+        host: &mut H,
+    ) -> usize {
+        let mut pos = 0;
+        while matches!(self.phase, Phase::Open | Phase::Closing) {
+            let open = self.phase == Phase::Open;
+            let fragments = ib.as_ref().and_then(|ib| ib.fragments.as_ref());
+            let in_progress = fragments.map_or(0, |f| f.data.len());
+            let text_state = fragments.map(|f| (f.kind == Kind::Text, f.utf8));
+            let parsed =
+                codec::parse_header(&buf[pos..], lim.max_message - in_progress).and_then(|p| {
+                    if open {
+                        check_sequence(p, fragments.is_some())
+                    } else {
+                        Ok(p)
+                    }
+                });
+            let header = match parsed {
+                Ok(Parsed::NeedMore) => break,
+                Ok(Parsed::Frame(h)) => h,
+                Err(v) => {
+                    self.fail(v, now, host);
+                    break;
+                }
+            };
+            let total = header.header_len + header.payload_len;
+            // Payload bytes of this frame unmasked (and checked) by an earlier read: only the
+            // first frame of a stash can have them.
+            let resume = if pos == 0 {
+                ib.as_mut()
+                    .map_or(Default::default(), |ib| std::mem::take(&mut ib.partial))
+            } else {
+                Default::default()
+            };
+            if buf.len() - pos < total {
+                let available = &mut buf[pos + header.header_len..];
+                // Fail fast: check the text received so far instead of waiting for the whole
+                // frame (Autobahn 6.4.3/6.4.4), continuing from the message's UTF-8 state.
+                let start = match (header.kind, text_state) {
+                    _ if !open => None,
+                    (Kind::Text, None) => Some(resume),
+                    (Kind::Continuation, Some((true, utf8))) if resume.unmasked == 0 => {
+                        Some(PartialText { unmasked: 0, utf8 })
+                    }
+                    (Kind::Continuation, Some((true, _))) => Some(resume),
+                    _ => None,
+                };
+                let partial = match start {
+                    None => resume,
+                    Some(done) => match codec::check_partial_text(available, header.mask, done) {
+                        Ok(p) => p,
+                        Err(v) => {
+                            self.fail(v, now, host);
+                            break;
+                        }
+                    },
+                };
+                ib.get_or_insert_with(Box::default).partial = partial;
+                break;
+            }
+            let payload = &mut buf[pos + header.header_len..pos + total];
+            let done = resume.unmasked as usize;
+            codec::unmask_from(&mut payload[done..], header.mask, done);
+            pos += total;
+            if let Err(v) = self.on_frame(header.kind, header.fin, payload, ib, now, host) {
+                self.fail(v, now, host);
+            }
+        }
+        pos
+    }
+
+    /// One complete, unmasked frame.
+    fn on_frame<H: Host>(
+        &mut self,
+        kind: Kind,
+        fin: bool,
+        payload: &[u8],
+        ib: &mut Option<Box<Inbound>>,
+        now: u32,
+        host: &mut H,
+    ) -> Result<(), Violation> {
+        if self.phase == Phase::Closing {
+            // Our close is out: only the peer's answer matters.
+            if kind == Kind::Close {
+                self.enter(Phase::Lingering, now);
+            }
+            return Ok(());
+        }
+        match kind {
+            Kind::Ping => host.send(codec::encode(OutKind::Pong, payload)),
+            Kind::Pong => {}
+            Kind::Close => {
+                let code = codec::check_close_payload(payload)?;
+                host.before_close();
+                host.ended(Disconnect::ClientClose);
+                // Echo the code (RFC 6455 5.5.1); an empty close is answered empty.
+                host.send(match code {
+                    Some(c) => codec::encode_close(c, ""),
+                    None => codec::encode(OutKind::Close, &[]),
+                });
+                self.enter(Phase::Lingering, now);
+            }
+            Kind::Text | Kind::Binary if fin => {
+                if kind == Kind::Text && simdutf8::basic::from_utf8(payload).is_err() {
+                    return Err(invalid_utf8());
+                }
+                host.message(kind, payload);
+            }
+            Kind::Text | Kind::Binary => {
+                let mut utf8 = Utf8Stream::default();
+                if kind == Kind::Text && !utf8.feed(payload) {
+                    return Err(invalid_utf8());
+                }
+                ib.get_or_insert_with(Box::default).fragments = Some(Fragments {
+                    kind,
+                    data: payload.to_vec(),
+                    utf8,
+                });
+            }
+            Kind::Continuation => {
+                let ib = ib.as_mut().expect("sequence checked at the header");
+                let f = ib
+                    .fragments
+                    .as_mut()
+                    .expect("sequence checked at the header");
+                f.data.extend_from_slice(payload);
+                if f.kind == Kind::Text && !f.utf8.feed(payload) {
+                    return Err(invalid_utf8());
+                }
+                if fin {
+                    let f = ib.fragments.take().expect("present");
+                    if f.kind == Kind::Text && !f.utf8.is_complete() {
+                        return Err(invalid_utf8());
+                    }
+                    host.message(f.kind, &f.data);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The client broke the protocol: one close frame with the code, then nothing is read.
+    fn fail<H: Host>(&mut self, v: Violation, now: u32, host: &mut H) {
+        if self.phase == Phase::Open {
+            host.before_close();
+            host.ended(match v.code {
+                codec::CLOSE_INVALID_DATA => Disconnect::InvalidUtf8,
+                codec::CLOSE_TOO_BIG => Disconnect::MessageTooBig,
+                _ => Disconnect::ProtocolError,
+            });
+            host.send(codec::encode_close(v.code, v.reason));
+        }
+        // From Closing our close frame is already out; from either, input is over.
+        self.enter(Phase::Lingering, now);
+    }
+}
+
+/// Where the request head ends (just past its blank line), searching from `from` (the bytes
+/// before it were searched by an earlier call, less the 3 that could start a terminator).
+/// Bare LF line ends count, as httparse accepts them.
+pub(super) fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let start = from.saturating_sub(3);
+    let mut i = start;
+    while let Some(off) = buf[i..].iter().position(|&b| b == b'\n') {
+        let nl = i + off;
+        match buf.get(nl + 1..) {
+            Some([b'\n', ..]) => return Some(nl + 2),
+            Some([b'\r', b'\n', ..]) => return Some(nl + 3),
+            _ => i = nl + 1,
+        }
+    }
+    None
+}
+
+fn invalid_utf8() -> Violation {
+    Violation {
+        code: codec::CLOSE_INVALID_DATA,
+        reason: "text is not valid UTF-8",
+    }
+}
+
+/// Data-frame order: a continuation needs a message in progress, a new message needs none.
+fn check_sequence(p: Parsed, in_progress: bool) -> Result<Parsed, Violation> {
+    if let Parsed::Frame(h) = &p {
+        match h.kind {
+            Kind::Continuation if !in_progress => {
+                return Err(Violation::protocol("continuation without a message"))
+            }
+            Kind::Text | Kind::Binary if in_progress => {
+                return Err(Violation::protocol(
+                    "new message before the fragmented one finished",
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(p)
+}
