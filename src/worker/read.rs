@@ -127,6 +127,9 @@ impl Worker {
         self.judge_backpressure(key);
         if moved_on {
             self.reschedule(key); // each phase has its own clock
+                                  // A new phase may have something to do once the queue is written, even when it
+                                  // is already empty (a peer that answered our close gets FIN now, not at timeout).
+            self.mark_dirty(key);
         }
         r
     }

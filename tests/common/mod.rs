@@ -28,7 +28,11 @@ impl ServerProc {
         let dir = std::env::temp_dir().join(format!("megasock-test-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ready = dir.join("ready");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_megasock"));
+        // MEGASOCK_BIN runs the same tests against another build (e.g. an older binary).
+        let bin = std::env::var_os("MEGASOCK_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_megasock")));
+        let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .arg("--ready-file")
@@ -149,6 +153,17 @@ pub const CLOSE: u8 = 8;
 pub const PING: u8 = 9;
 pub const PONG: u8 = 10;
 
+/// How a connection's input ended (see [`Client::recv_or_end`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// An orderly close (FIN): `read` returned 0.
+    Eof,
+    /// `read` failed (ECONNRESET and the like).
+    Reset,
+    /// Nothing arrived within the read timeout.
+    Timeout,
+}
+
 pub struct Client {
     pub s: TcpStream,
     buf: Vec<u8>,
@@ -207,6 +222,72 @@ impl Client {
             assert!(n > 0, "connection closed during handshake");
             self.buf.extend_from_slice(&tmp[..n]);
         }
+    }
+
+    /// Wraps a stream whose upgrade request was already written (in whatever pieces);
+    /// panics unless the answer is a correct 101.
+    pub fn finish_upgrade(s: TcpStream) -> Client {
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut c = Client { s, buf: Vec::new() };
+        let head = c.read_head();
+        assert!(
+            head.starts_with("HTTP/1.1 101 "),
+            "expected 101, got: {head}"
+        );
+        assert!(head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        c
+    }
+
+    /// Reads one frame, or says how the input ended (EOF, reset or read timeout).
+    pub fn recv_or_end(&mut self) -> Result<Frame, End> {
+        loop {
+            if let Some(f) = self.parse_buffered() {
+                return Ok(f);
+            }
+            let mut tmp = vec![0u8; 64 * 1024];
+            match self.s.read(&mut tmp) {
+                Ok(0) => return Err(End::Eof),
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Err(End::Timeout)
+                }
+                Err(_) => return Err(End::Reset),
+            }
+        }
+    }
+
+    /// The first complete frame in the buffer, if any (removed from it).
+    fn parse_buffered(&mut self) -> Option<Frame> {
+        if self.buf.len() < 2 {
+            return None;
+        }
+        let b0 = self.buf[0];
+        let b1 = self.buf[1];
+        assert_eq!(b1 & 0x80, 0, "server frames must not be masked");
+        let (len, hl) = match b1 & 0x7f {
+            126 if self.buf.len() >= 4 => {
+                (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+            }
+            127 if self.buf.len() >= 10 => (
+                u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            126 | 127 => return None,
+            l => (l as usize, 2),
+        };
+        if self.buf.len() < hl + len {
+            return None;
+        }
+        let payload = self.buf[hl..hl + len].to_vec();
+        self.buf.drain(..hl + len);
+        assert_eq!(b0 & 0x70, 0, "server set reserved bits");
+        Some(Frame {
+            fin: b0 & 0x80 != 0,
+            opcode: b0 & 0x0f,
+            payload,
+        })
     }
 
     pub fn set_timeout(&self, d: Duration) {
