@@ -10,9 +10,14 @@ use crate::session::Due;
 use crate::timer_wheel::Entry;
 
 impl Worker {
-    /// Makes `at` the connection's next check (superseding any earlier entry).
+    /// Makes `at` the connection's next check (superseding any earlier entry). `timer_at` is
+    /// the tick of the one live entry (0: none, every deadline is at least one tick away), so
+    /// asking twice for the same tick adds no second entry.
     pub(super) fn schedule(&mut self, key: u32, at: u32) {
         let c = &mut self.conns[key as usize];
+        if c.timer_at == at {
+            return;
+        }
         c.timer_at = at;
         self.wheel.insert(
             at as u64,
@@ -42,6 +47,7 @@ impl Worker {
                 continue; // closed, reused, or superseded
             }
             let paused = c.has(ready::PAUSED);
+            self.conns[e.key as usize].timer_at = 0; // this entry is spent
             let (now, lim) = (self.now, self.limits);
             match self.with_session(e.key, |s, host| s.on_timer(now, paused, &lim, host)) {
                 Due::Drop => self.drop_conn(e.key),
