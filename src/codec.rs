@@ -315,30 +315,33 @@ pub fn encode_close(code: u16, reason: &str) -> Bytes {
     encode(OutKind::Close, &payload[..2 + r.len()])
 }
 
+/// A client frame with every field under the caller's control (for the tests here and in
+/// the session).
+#[cfg(test)]
+pub(crate) fn client_frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut v = vec![first];
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    if payload.len() < 126 {
+        v.push(m | payload.len() as u8);
+    } else if payload.len() < 65536 {
+        v.push(m | 126);
+        v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    } else {
+        v.push(m | 127);
+        v.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    }
+    if let Some(k) = mask {
+        v.extend_from_slice(&k);
+        v.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+    } else {
+        v.extend_from_slice(payload);
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn client_frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-        let mut v = vec![first];
-        let m = if mask.is_some() { 0x80 } else { 0 };
-        if payload.len() < 126 {
-            v.push(m | payload.len() as u8);
-        } else if payload.len() < 65536 {
-            v.push(m | 126);
-            v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        } else {
-            v.push(m | 127);
-            v.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-        }
-        if let Some(k) = mask {
-            v.extend_from_slice(&k);
-            v.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
-        } else {
-            v.extend_from_slice(payload);
-        }
-        v
-    }
 
     #[test]
     fn parses_masked_text_and_unmasks() {

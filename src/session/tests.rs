@@ -5,7 +5,7 @@ mod property;
 
 use super::parse::head_end;
 use super::*;
-use crate::codec::{CLOSE_GOING_AWAY, CLOSE_POLICY};
+use crate::codec::{client_frame as frame, CLOSE_GOING_AWAY, CLOSE_POLICY};
 
 const MAX: usize = 1024;
 
@@ -77,29 +77,6 @@ impl Host for Rec {
 
 const REQUEST: &[u8] = b"GET /ws/lobby HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
 Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
-
-/// A client frame with every field under the caller's control.
-fn frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-    let mut v = vec![first];
-    let m = if mask.is_some() { 0x80 } else { 0 };
-    if payload.len() < 126 {
-        v.push(m | payload.len() as u8);
-    } else if payload.len() < 65536 {
-        v.push(m | 126);
-        v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    } else {
-        v.push(m | 127);
-        v.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-    }
-    match mask {
-        Some(k) => {
-            v.extend_from_slice(&k);
-            v.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
-        }
-        None => v.extend_from_slice(payload),
-    }
-    v
-}
 
 fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
     frame(first, payload, Some([0x11, 0x22, 0x33, 0x44]))

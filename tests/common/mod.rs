@@ -339,31 +339,8 @@ impl Client {
     /// Reads one frame; None on EOF, reset or timeout.
     pub fn try_recv(&mut self) -> Option<Frame> {
         loop {
-            if self.buf.len() >= 2 {
-                let b0 = self.buf[0];
-                let b1 = self.buf[1];
-                assert_eq!(b1 & 0x80, 0, "server frames must not be masked");
-                let (len, hl) = match b1 & 0x7f {
-                    126 if self.buf.len() >= 4 => {
-                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
-                    }
-                    127 if self.buf.len() >= 10 => (
-                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
-                        10,
-                    ),
-                    126 | 127 => (usize::MAX, 0),
-                    l => (l as usize, 2),
-                };
-                if len != usize::MAX && self.buf.len() >= hl + len {
-                    let payload = self.buf[hl..hl + len].to_vec();
-                    self.buf.drain(..hl + len);
-                    assert_eq!(b0 & 0x70, 0, "server set reserved bits");
-                    return Some(Frame {
-                        fin: b0 & 0x80 != 0,
-                        opcode: b0 & 0x0f,
-                        payload,
-                    });
-                }
+            if let Some(f) = self.parse_buffered() {
+                return Some(f);
             }
             let mut tmp = vec![0u8; 64 * 1024];
             match self.s.read(&mut tmp) {
