@@ -6,14 +6,15 @@ use common::*;
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// Connects `members` clients to `room`, lets `publishers` of them send `msgs` each from
-/// their own threads, and checks what every member received.
+/// Connects `members` clients to `room`, lets `publishers` of them send `msgs` each (padded
+/// with `pad` bytes) from their own threads, and checks what every member received.
 fn fan_out(
     srv: &ServerProc,
     room: &str,
     members: usize,
     publishers: usize,
     msgs: usize,
+    pad: usize,
 ) -> Vec<Client> {
     let path = format!("/ws/{room}");
     let mut clients: Vec<Client> = (0..members)
@@ -27,7 +28,7 @@ fn fan_out(
             std::thread::spawn(move || {
                 for seq in 0..msgs {
                     // Mixed opcodes: text and binary keep their opcode through the room.
-                    let body = format!("p{p}:{seq}");
+                    let body = format!("p{p}:{seq}:{}", "x".repeat(pad));
                     if seq % 2 == 0 {
                         c.send_text(&body);
                     } else {
@@ -47,7 +48,8 @@ fn fan_out(
         for _ in 0..expected {
             let f = c.recv();
             let text = String::from_utf8(f.payload).unwrap();
-            let (p, seq) = text[1..].split_once(':').unwrap();
+            let mut fields = text[1..].split(':');
+            let (p, seq) = (fields.next().unwrap(), fields.next().unwrap());
             let (p, seq): (usize, usize) = (p.parse().unwrap(), seq.parse().unwrap());
             let want = next.entry(p).or_insert(0);
             assert_eq!(
@@ -70,7 +72,7 @@ fn fan_out(
 #[test]
 fn room_fan_out_across_four_workers() {
     let srv = ServerProc::start(&["--workers", "4"]);
-    let _clients = fan_out(&srv, "lobby", 300, 4, 50);
+    let _clients = fan_out(&srv, "lobby", 300, 4, 50, 0);
     let text = srv.metrics_text();
     let busy_workers = text
         .lines()
@@ -91,7 +93,8 @@ fn room_fan_out_across_four_workers() {
 #[test]
 fn full_rings_hold_messages_back_instead_of_losing_them() {
     let srv = ServerProc::start(&["--workers", "4", "--ring-capacity", "4KiB"]);
-    fan_out(&srv, "tiny-rings", 40, 4, 400);
+    // 2 KB messages: a 4 KiB ring holds two deliveries.
+    fan_out(&srv, "tiny-rings", 40, 4, 400, 2000);
     assert!(
         srv.metric("megasock_bus_overflowed_total") > 0,
         "the test should have filled a ring:\n{}",
