@@ -149,6 +149,12 @@ impl Session {
         })
     }
 
+    /// Input received but not processed yet (a partial frame, or bytes held while the
+    /// server held this connection's messages back: [`Session::receive_held`]).
+    pub fn held(&self) -> usize {
+        self.inbound.as_ref().map_or(0, |ib| ib.stash.len())
+    }
+
     /// A session to leave in the connection's slot while the real one is being fed: same
     /// phase (so a message routed back to this connection meanwhile sees the truth), no
     /// buffers.

@@ -31,6 +31,52 @@ impl Inbound {
 }
 
 impl Session {
+    /// Takes bytes while the server holds this connection's messages back (its room's ring is
+    /// full): nothing is delivered, but pings found among the held frames are answered and
+    /// pongs taken out, so a pause never looks like a dead peer on either side. Everything
+    /// else (data, a close, anything not yet complete) stays in order for
+    /// [`Session::receive`] once the pause ends. The caller bounds what is held.
+    ///
+    /// A ping is answered ahead of data frames that precede it; RFC 6455 lets control frames
+    /// interleave, and a pong answers the ping, not the data. A close is never taken early:
+    /// the messages before it are delivered first.
+    pub fn receive_held<H: Host>(&mut self, fresh: &[u8], lim: &Limits, now: u32, host: &mut H) {
+        self.heard(now);
+        if self.phase != Phase::Open {
+            let mut copy = fresh.to_vec();
+            return self.receive(&mut copy, lim, now, host);
+        }
+        let ib = self.inbound.get_or_insert_with(Box::default);
+        ib.stash.extend_from_slice(fresh);
+        let stash = &mut ib.stash;
+        let mut pos = 0;
+        // Headers only: `partial` (progress through the first frame) is never disturbed,
+        // since only complete control frames are taken out and the first frame of a stash
+        // with progress is an incomplete text frame, where the scan stops.
+        while let Ok(Parsed::Frame(h)) = codec::parse_header(&stash[pos..], lim.max_message) {
+            let total = h.header_len + h.payload_len;
+            if stash.len() - pos < total || h.kind == Kind::Close {
+                break;
+            }
+            if !matches!(h.kind, Kind::Ping | Kind::Pong) {
+                pos += total;
+                continue;
+            }
+            if h.kind == Kind::Ping {
+                let payload = &mut stash[pos + h.header_len..pos + total];
+                codec::unmask(payload, h.mask);
+                host.send(codec::encode(OutKind::Pong, payload));
+            }
+            stash.drain(pos..pos + total);
+        }
+        if stash.is_empty() {
+            *stash = Vec::new();
+        }
+        if self.inbound.as_ref().is_some_and(|ib| ib.is_idle()) {
+            self.inbound = None;
+        }
+    }
+
     /// Consumes what it can of `buf`; returns the bytes used (all of them once lingering).
     pub(super) fn consume<H: Host>(
         &mut self,

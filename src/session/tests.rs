@@ -228,6 +228,46 @@ fn one_close_frame_whatever_follows() {
 }
 
 #[test]
+fn a_paused_publisher_gets_its_pings_answered_and_nothing_else_moves() {
+    let mut bytes = masked(0x81, b"first");
+    bytes.extend(masked(0x89, b"p1"));
+    bytes.extend(masked(0x82, &[1, 2, 3]));
+    bytes.extend(masked(0x8A, b"pong"));
+    bytes.extend(masked(0x89, b"p2"));
+    bytes.extend(masked(0x88, &1000u16.to_be_bytes()));
+    bytes.extend(masked(0x89, b"after the close"));
+    for piece in [1, 3, bytes.len()] {
+        let (mut s, mut rec) = open();
+        for chunk in bytes.chunks(piece) {
+            s.receive_held(chunk, &limits(), 2, &mut rec);
+        }
+        assert_eq!(
+            rec.0,
+            vec![Ev::Pong(b"p1".to_vec()), Ev::Pong(b"p2".to_vec())],
+            "pieces of {piece}: only the pings are answered while paused"
+        );
+        assert_eq!(
+            s.phase(),
+            Phase::Open,
+            "the close waits for the messages before it"
+        );
+        rec.0.clear();
+        s.receive(&mut [], &limits(), 3, &mut rec);
+        assert_eq!(
+            rec.0,
+            vec![
+                Ev::Message(Kind::Text, b"first".to_vec()),
+                Ev::Message(Kind::Binary, vec![1, 2, 3]),
+                Ev::BeforeClose,
+                Ev::Ended(Disconnect::ClientClose),
+                Ev::Close(Some(1000)),
+            ]
+        );
+        assert_eq!(s.held(), 0);
+    }
+}
+
+#[test]
 fn client_close_is_echoed_including_iana_codes() {
     for code in [1000u16, 1001, 1012, 1013, 1014, 4321] {
         let (mut s, mut rec) = open();

@@ -7,6 +7,10 @@ use std::io::{self, Read};
 use bytes::Bytes;
 
 use super::{Worker, NOBODY, READS_PER_TURN};
+
+/// Bytes a paused publisher may have read and held (enough to find its pings behind a few
+/// small messages; little enough that many paused publishers cost little).
+const HOLD: usize = 4096;
 use crate::codec::{Kind, OutKind};
 use crate::connection::{ready, Connection};
 use crate::handshake::Route;
@@ -18,10 +22,18 @@ impl Worker {
     /// room's ring is full, or the connection closes.
     pub(super) fn on_readable(&mut self, key: u32, to_the_end: bool) {
         if self.publisher_blocked(&self.conns[key as usize]) {
+            self.read_held(key);
             self.defer_read(key, true);
             return;
         }
-        self.conns[key as usize].clear(ready::PAUSED);
+        let (now, lim) = (self.now, self.limits);
+        let c = &mut self.conns[key as usize];
+        let was_paused = c.has(ready::PAUSED);
+        c.clear(ready::PAUSED);
+        if was_paused && c.session.held() > 0 {
+            // What arrived during a pause goes first, even if the socket has nothing new.
+            self.with_session(key, |s, host| s.receive(&mut [], &lim, now, host));
+        }
         let mut scratch = std::mem::take(&mut self.scratch);
         let mut reads = 0;
         while let Some(conn) = self.conns.get_mut(key as usize) {
@@ -51,6 +63,35 @@ impl Worker {
                 self.defer_read(key, blocked);
                 break;
             }
+        }
+        self.scratch = scratch;
+    }
+
+    /// Reads a paused publisher into its session's hold, at most [`HOLD`] bytes, so its pings
+    /// are answered during the pause (`Session::receive_held`). Its EOF is left in the socket
+    /// (a closed socket reads 0 again) for when the pause ends and its last messages go out.
+    fn read_held(&mut self, key: u32) {
+        let (now, lim) = (self.now, self.limits);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        while let Some(c) = self.conns.get(key as usize) {
+            let room = HOLD.saturating_sub(c.session.held());
+            if room == 0 {
+                break; // the rest waits in the kernel; TCP flow control slows the client
+            }
+            let n = match (&c.stream).read(&mut scratch[..room]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.fail_io(key);
+                    break;
+                }
+            };
+            self.tally.bytes_in += n as u64;
+            self.with_session(key, |s, host| {
+                s.receive_held(&scratch[..n], &lim, now, host)
+            });
         }
         self.scratch = scratch;
     }

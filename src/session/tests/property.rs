@@ -252,6 +252,10 @@ fn reference(frames: &[Gen]) -> Vec<Ev> {
     ev
 }
 
+fn split_pongs(ev: &[Ev]) -> (Vec<Ev>, Vec<Ev>) {
+    ev.iter().cloned().partition(|e| matches!(e, Ev::Pong(_)))
+}
+
 fn normalized(mut ev: Vec<Ev>) -> Vec<Ev> {
     for e in &mut ev {
         if let Ev::Http(b) = e {
@@ -286,6 +290,14 @@ fn random_frames_and_splits_match_the_reference() {
         let mut s = Session::new(0);
         let mut rec = Rec::default();
         let mut at = 0;
+        // One case in four is paused (its room's ring full) for a while after the upgrade:
+        // its reads go to `receive_held` until a random point.
+        let paused_until = if rng.chance(25) {
+            REQUEST.len() + rng.below(stream.len() - REQUEST.len() + 1)
+        } else {
+            0
+        };
+        let mut paused = false;
         while at < stream.len() {
             let n = match rng.below(4) {
                 0 => 1,
@@ -295,7 +307,15 @@ fn random_frames_and_splits_match_the_reference() {
             }
             .min(stream.len() - at);
             let mut read = stream[at..at + n].to_vec();
-            s.receive(&mut read, &lim, 1, &mut rec);
+            if at >= REQUEST.len() && at < paused_until && s.phase() == Phase::Open {
+                paused = true;
+                s.receive_held(&read, &lim, 1, &mut rec);
+            } else {
+                if std::mem::take(&mut paused) {
+                    s.receive(&mut [], &lim, 1, &mut rec); // the pause ends
+                }
+                s.receive(&mut read, &lim, 1, &mut rec);
+            }
             at += n;
             assert!(
                 s.buffered_capacity() <= 4 * (MAX + 64) + handshake::MAX_HEAD,
@@ -303,8 +323,23 @@ fn random_frames_and_splits_match_the_reference() {
                 s.buffered_capacity()
             );
         }
+        if paused {
+            s.receive(&mut [], &lim, 1, &mut rec);
+        }
         let got = normalized(rec.0);
-        assert_eq!(got, expected, "case {case}: frames {gens:?}");
+        if paused_until == 0 {
+            assert_eq!(got, expected, "case {case}: frames {gens:?}");
+        } else {
+            // Paused: pings may be answered ahead of the data before them (and a ping behind
+            // a frame found bad later may already have been answered); nothing else moves.
+            let (got_pongs, got_rest) = split_pongs(&got);
+            let (want_pongs, want_rest) = split_pongs(&expected);
+            assert_eq!(got_rest, want_rest, "case {case} (paused): frames {gens:?}");
+            assert!(
+                got_pongs.starts_with(&want_pongs),
+                "case {case} (paused): pongs {got_pongs:?}, expected {want_pongs:?}"
+            );
+        }
         let outcome = match got.last() {
             Some(Ev::Close(code)) => format!("close {code:?}"),
             Some(Ev::Message(..)) => "message".into(),
