@@ -623,3 +623,78 @@ fn answered_server_close_is_released_before_the_close_timeout() {
         "the server held the answered connection for {waited:?} (close-timeout 6s)"
     );
 }
+
+/// The server's data segment (`VmData` in /proc/PID/status), in bytes: what it allocated,
+/// touched or not.
+fn vm_data(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmData:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmData in /proc/PID/status");
+    kib * 1024
+}
+
+/// A frame header announcing a big payload must not make the server allocate that much before
+/// the bytes arrive (14 bytes would otherwise buy a client --max-message-size of memory).
+#[test]
+fn a_header_promising_a_big_frame_reserves_nothing() {
+    const CLIENTS: usize = 200;
+    let srv = ServerProc::start(&["--workers", "1", "--max-message-size", "1MiB"]);
+    // Warm up the allocator's arenas with a few ordinary clients first.
+    let warm: Vec<Client> = (0..10).map(|_| Client::connect(srv.ws, "/echo")).collect();
+    let before = vm_data(srv.child.id());
+    let mut clients: Vec<Client> = (0..CLIENTS)
+        .map(|_| Client::connect(srv.ws, "/echo"))
+        .collect();
+    for c in &mut clients {
+        // Header of a 1 MiB binary frame, and 10 of its bytes.
+        let frame = masked(BINARY | 0x80, &vec![0u8; 1 << 20]);
+        c.send_raw(&frame[..14 + 10]).unwrap();
+    }
+    // Let the server read them all: an echo round trip on a connection it serves after them.
+    let mut probe = Client::connect(srv.ws, "/echo");
+    probe.send_text("probe");
+    assert_eq!(probe.recv().payload, b"probe");
+    std::thread::sleep(Duration::from_millis(200));
+    let grew = vm_data(srv.child.id()).saturating_sub(before);
+    eprintln!("VmData grew {grew} bytes for {CLIENTS} partial 1 MiB frames");
+    assert!(
+        grew < (CLIENTS as u64) * 64 * 1024,
+        "the server allocated {grew} bytes for {CLIENTS} headers ({} per connection): it \
+         reserves what a header announces",
+        grew / CLIENTS as u64
+    );
+    drop(warm);
+}
+
+/// Once a room's batch is written, no buffer stays pinned behind it: a per-user room (one
+/// member) that published once holds no memory afterwards. Each client publishes after the
+/// previous one got its message back, so freed memory is reused and only pinned memory grows.
+#[test]
+fn a_sent_batch_leaves_no_buffer_pinned() {
+    const CLIENTS: usize = 50;
+    const SIZE: usize = 200 * 1024;
+    let srv = ServerProc::start(&["--workers", "1", "--max-message-size", "256KiB"]);
+    let mut warm = Client::connect(srv.ws, "/ws/warm-up");
+    warm.send_binary(&vec![1u8; SIZE]);
+    assert_eq!(warm.recv().payload.len(), SIZE);
+    let before = vm_data(srv.child.id());
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let mut c = Client::connect(srv.ws, &format!("/ws/solo-{i}"));
+        c.send_binary(&vec![i as u8; SIZE]);
+        let f = c.recv();
+        assert_eq!((f.opcode, f.payload.len()), (BINARY, SIZE));
+        clients.push(c); // stays connected and idle, its room alive
+    }
+    let grew = vm_data(srv.child.id()).saturating_sub(before);
+    eprintln!("VmData grew {grew} bytes over {CLIENTS} idle one-member rooms");
+    assert!(
+        grew < (CLIENTS * SIZE / 4) as u64,
+        "{grew} bytes stayed allocated for {CLIENTS} idle rooms ({} per room): sent batches \
+         are pinned",
+        grew / CLIENTS as u64
+    );
+}
