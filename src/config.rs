@@ -23,6 +23,16 @@ pub enum SlowConsumerPolicy {
     Drop,
 }
 
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// `[time LEVEL target] message`, for people.
+    Human,
+    /// One JSON object per line (`ts`, `level`, `target`, `msg`), for log collectors.
+    Json,
+}
+
 /// Options of `megasock serve`; also the keys of the TOML file (same names, kebab-case).
 #[derive(Debug, Default, Clone, Args, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
@@ -99,9 +109,27 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE")]
     pub ring_capacity: Option<ByteSize>,
 
-    /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz). [default: off]
-    #[arg(long, value_name = "ADDR")]
-    pub metrics_listen: Option<SocketAddr>,
+    /// The admin listener: /metrics (Prometheus), /healthz, /readyz, /stats, and the publish
+    /// API (POST /publish/{room}, POST /publish); put it on a private address.
+    /// `--metrics-listen` is an alias. [default: off]
+    #[arg(long, value_name = "ADDR", alias = "metrics-listen")]
+    #[serde(alias = "metrics-listen")]
+    pub admin: Option<SocketAddr>,
+
+    /// Every admin route but /healthz and /readyz then needs `Authorization: Bearer TOKEN`.
+    /// [default: none]
+    #[arg(long, value_name = "TOKEN")]
+    pub admin_token: Option<String>,
+
+    /// Do not serve the browser demo page at GET / on the WebSocket listener. [default: served]
+    #[arg(long)]
+    #[serde(default)]
+    pub no_demo: bool,
+
+    /// Log line format: `human` (default) or `json` (one object per line, for collectors).
+    /// [default: human]
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
 
     /// Once listening, write the bound addresses to this file (`ws=IP:PORT` lines, then
     /// `metrics=IP:PORT`), for scripts that start the server on port 0. [default: none]
@@ -128,7 +156,10 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Bytes per cross-core ring.
     pub ring_capacity: usize,
-    pub metrics_listen: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub admin_token: Option<String>,
+    pub demo: bool,
+    pub log_format: LogFormat,
     pub ready_file: Option<PathBuf>,
 }
 
@@ -192,13 +223,16 @@ impl ServeArgs {
             close_timeout,
             drain_timeout,
             ring_capacity,
-            metrics_listen,
+            admin,
+            admin_token,
+            log_format,
             ready_file
         );
         if self.listen.is_empty() {
             self.listen = file.listen;
         }
         self.pin |= file.pin;
+        self.no_demo |= file.no_demo;
         Ok(self)
     }
 
@@ -257,7 +291,10 @@ impl ServeArgs {
             close_timeout,
             drain_timeout,
             ring_capacity,
-            metrics_listen: self.metrics_listen,
+            admin: self.admin,
+            admin_token: self.admin_token.filter(|t| !t.is_empty()),
+            demo: !self.no_demo,
+            log_format: self.log_format.unwrap_or(LogFormat::Human),
             ready_file: self.ready_file,
         })
     }

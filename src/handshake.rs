@@ -25,6 +25,15 @@ pub enum Route<'a> {
     Room(&'a str),
 }
 
+/// A plain HTTP page on the WebSocket listener (answered, then the connection closes).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Page<'a> {
+    /// `GET /`: the browser demo.
+    Demo,
+    /// `GET /rooms/{room}`: the room's member count as JSON.
+    RoomInfo(&'a str),
+}
+
 /// Outcome of looking at the bytes received so far.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Upgrade<'a> {
@@ -32,6 +41,8 @@ pub enum Upgrade<'a> {
     Incomplete,
     /// Answer with this HTTP error and close.
     Reject(Rejection),
+    /// Answer with a page and close.
+    Page(Page<'a>),
     /// Switch protocols: send `response`, then treat `buf[consumed..]` as frames.
     Accept {
         route: Route<'a>,
@@ -76,14 +87,28 @@ pub fn parse(buf: &[u8]) -> Upgrade<'_> {
     let method = req.method.unwrap_or("");
     let raw_path = req.path.unwrap_or("");
     let path = origin_form(raw_path).split('?').next().unwrap_or("");
+    const BAD_ROOM: &str = "room names are 1-128 bytes of A-Za-z0-9._:- and not . or ..";
+    let page = if path == "/" {
+        Some(Page::Demo)
+    } else if let Some(room) = path.strip_prefix("/rooms/") {
+        if !valid_room(room) {
+            return reject(400, BAD_ROOM);
+        }
+        Some(Page::RoomInfo(room))
+    } else {
+        None
+    };
+    if let Some(page) = page {
+        if method != "GET" {
+            return reject(405, "only GET is served here");
+        }
+        return Upgrade::Page(page);
+    }
     let route = if path == "/echo" {
         Route::Echo
     } else if let Some(room) = path.strip_prefix("/ws/") {
         if !valid_room(room) {
-            return reject(
-                400,
-                "room names are 1-128 bytes of A-Za-z0-9._:- and not . or ..",
-            );
+            return reject(400, BAD_ROOM);
         }
         Route::Room(room)
     } else {
@@ -249,6 +274,17 @@ pub fn error_response(r: Rejection) -> Bytes {
     ))
 }
 
+/// A complete `200 OK` response that closes the connection.
+pub fn ok_response(content_type: &str, body: &[u8]) -> Bytes {
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nConnection: close\r\nCache-Control: no-store\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    Bytes::from(out)
+}
+
 /// The answer when the server is at `--max-connections`.
 pub fn over_capacity() -> Bytes {
     error_response(Rejection {
@@ -266,6 +302,7 @@ mod tests {
     fn status(req: &str) -> u16 {
         match parse(req.as_bytes()) {
             Upgrade::Reject(r) => r.status,
+            Upgrade::Page(_) => 200,
             Upgrade::Accept { .. } => 101,
             Upgrade::Incomplete => 0,
         }

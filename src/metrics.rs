@@ -42,10 +42,12 @@ pub enum Disconnect {
     OverCapacity,
     /// The server was shutting down (close 1001).
     Shutdown,
+    /// A plain HTTP page was served (`GET /`, `GET /rooms/{room}`), then the socket closed.
+    PageServed,
 }
 
 impl Disconnect {
-    pub const ALL: [Disconnect; 12] = [
+    pub const ALL: [Disconnect; 13] = [
         Disconnect::ClientClose,
         Disconnect::PeerGone,
         Disconnect::IoError,
@@ -58,6 +60,7 @@ impl Disconnect {
         Disconnect::HttpRejected,
         Disconnect::OverCapacity,
         Disconnect::Shutdown,
+        Disconnect::PageServed,
     ];
 
     pub fn label(self) -> &'static str {
@@ -74,6 +77,7 @@ impl Disconnect {
             Disconnect::HttpRejected => "http_rejected",
             Disconnect::OverCapacity => "over_capacity",
             Disconnect::Shutdown => "shutdown",
+            Disconnect::PageServed => "http_page_served",
         }
     }
 }
@@ -98,7 +102,7 @@ impl DropReason {
 }
 
 /// HTTP statuses the upgrade path answers with (`megasock_http_responses_total`).
-pub const HTTP_STATUSES: [u16; 7] = [400, 404, 405, 426, 431, 503, 101];
+pub const HTTP_STATUSES: [u16; 8] = [400, 404, 405, 426, 431, 503, 101, 200];
 
 fn status_index(status: u16) -> usize {
     HTTP_STATUSES.iter().position(|&s| s == status).unwrap_or(0)

@@ -24,9 +24,16 @@ pub struct RoomShared {
     pub name: Box<str>,
     /// Bit `w` is set while worker `w` has at least one member.
     workers: Box<[AtomicU64]>,
+    /// Members across all workers (changed on join and leave only).
+    members: AtomicU64,
 }
 
 impl RoomShared {
+    /// Members across all workers.
+    pub fn members(&self) -> u64 {
+        self.members.load(Ordering::Relaxed)
+    }
+
     /// Calls `f` for every worker other than `me` that has members.
     #[inline]
     pub fn for_each_other_worker(&self, me: usize, mut f: impl FnMut(usize)) {
@@ -48,6 +55,8 @@ impl RoomShared {
 pub struct RoomDirectory {
     workers: usize,
     inner: Mutex<DirectoryInner>,
+    /// Memberships across all rooms and workers.
+    memberships: AtomicU64,
 }
 
 struct DirectoryInner {
@@ -63,12 +72,44 @@ impl RoomDirectory {
                 next_id: 1,
                 rooms: HashMap::new(),
             }),
+            memberships: AtomicU64::new(0),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, DirectoryInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The room called `name`, if it has members somewhere.
+    pub fn find(&self, name: &str) -> Option<Arc<RoomShared>> {
+        self.lock().rooms.get(name).cloned()
+    }
+
+    /// Memberships across all rooms and workers.
+    pub fn memberships(&self) -> u64 {
+        self.memberships.load(Ordering::Relaxed)
+    }
+
+    /// The `n` rooms with the most members, most first.
+    pub fn top(&self, n: usize) -> Vec<(Box<str>, u64)> {
+        let mut all: Vec<(Box<str>, u64)> = self
+            .lock()
+            .rooms
+            .values()
+            .map(|r| (r.name.clone(), r.members()))
+            .collect();
+        let n = n.min(all.len());
+        if n > 0 {
+            all.select_nth_unstable_by(n - 1, |a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        }
+        all.truncate(n);
+        all.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        all
     }
 
     /// Worker `w` gets its first member of `name`.
     pub fn attach(&self, name: &str, w: usize) -> Arc<RoomShared> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.lock();
         let words = self.workers.div_ceil(64);
         let room = if let Some(r) = inner.rooms.get(name) {
             r.clone()
@@ -79,6 +120,7 @@ impl RoomDirectory {
                 id,
                 name: name.into(),
                 workers: (0..words).map(|_| AtomicU64::new(0)).collect(),
+                members: AtomicU64::new(0),
             });
             inner.rooms.insert(name.into(), r.clone());
             r
@@ -89,7 +131,7 @@ impl RoomDirectory {
 
     /// Worker `w` lost its last member of `room`.
     pub fn detach(&self, room: &RoomShared, w: usize) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.lock();
         room.workers[w / 64].fetch_and(!(1 << (w % 64)), Ordering::AcqRel);
         let empty = room.workers.iter().all(|x| x.load(Ordering::Acquire) == 0);
         if empty {
@@ -99,11 +141,7 @@ impl RoomDirectory {
 
     /// Rooms with members somewhere.
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .rooms
-            .len()
+        self.lock().rooms.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -157,7 +195,10 @@ impl RoomIndex {
                 r
             }
         };
-        let members = &mut self.rooms[room as usize].members;
+        let local = &mut self.rooms[room as usize];
+        local.shared.members.fetch_add(1, Ordering::Relaxed);
+        dir.memberships.fetch_add(1, Ordering::Relaxed);
+        let members = &mut local.members;
         members.push(member);
         Membership {
             room,
@@ -174,6 +215,8 @@ impl RoomIndex {
         m: Membership,
     ) -> Option<(u32, u32)> {
         let local = &mut self.rooms[m.room as usize];
+        local.shared.members.fetch_sub(1, Ordering::Relaxed);
+        dir.memberships.fetch_sub(1, Ordering::Relaxed);
         local.members.swap_remove(m.position as usize);
         let moved = local
             .members
@@ -231,6 +274,10 @@ mod tests {
         let mut others = vec![];
         shared.for_each_other_worker(0, |w| others.push(w));
         assert_eq!(others, vec![2]);
+        assert_eq!(shared.members(), 3);
+        assert_eq!(dir.memberships(), 3);
+        assert_eq!(dir.top(5), vec![("lobby".into(), 3)]);
+        assert_eq!(dir.find("lobby").map(|r| r.id), Some(shared.id));
         assert_eq!(w0.leave(&dir, 0, a), Some((11, 0)), "11 moved into slot 0");
         w0.leave(
             &dir,
@@ -247,5 +294,7 @@ mod tests {
         assert_eq!(dir.len(), 1);
         w2.leave(&dir, 2, c);
         assert!(dir.is_empty());
+        assert_eq!(dir.memberships(), 0);
+        assert!(dir.find("lobby").is_none());
     }
 }

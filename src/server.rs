@@ -55,7 +55,7 @@ impl Server {
             wakeups,
             config,
         });
-        let metrics_addr = match shared.config.metrics_listen {
+        let metrics_addr = match shared.config.admin {
             Some(a) => Some(crate::admin::spawn(a, shared.clone())?),
             None => None,
         };

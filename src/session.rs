@@ -33,7 +33,7 @@
 use bytes::Bytes;
 
 use crate::codec::{self, Kind, OutKind, Parsed, PartialText, Utf8Stream, Violation};
-use crate::handshake::{self, Route, Upgrade};
+use crate::handshake::{self, Page, Route, Upgrade};
 use crate::metrics::Disconnect;
 
 mod parse;
@@ -81,6 +81,14 @@ pub trait Host {
     fn http_status(&mut self, status: u16);
     /// A ping went out to a quiet connection.
     fn pinged(&mut self) {}
+    /// A plain page on the WebSocket listener: the full response, or the error to answer.
+    fn page(&mut self, page: Page<'_>) -> Result<Bytes, handshake::Rejection> {
+        let _ = page;
+        Err(handshake::Rejection {
+            status: 404,
+            reason: "no pages here",
+        })
+    }
 }
 
 /// What to do when a timer fires.

@@ -132,6 +132,18 @@ impl Session {
                 self.reject(r, now, host);
                 buf.len()
             }
+            Upgrade::Page(page) => {
+                match host.page(page) {
+                    Ok(response) => {
+                        host.http_status(200);
+                        host.ended(Disconnect::PageServed);
+                        host.send(response);
+                        self.enter(Phase::Lingering, now);
+                    }
+                    Err(r) => self.reject(r, now, host),
+                }
+                buf.len()
+            }
             Upgrade::Accept {
                 route,
                 response,

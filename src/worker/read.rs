@@ -13,7 +13,7 @@ use super::{Worker, NOBODY, READS_PER_TURN};
 const HOLD: usize = 4096;
 use crate::codec::{Kind, OutKind};
 use crate::connection::{ready, Connection};
-use crate::handshake::Route;
+use crate::handshake::{self, Page, Rejection, Route};
 use crate::metrics::{Disconnect, WorkerStats};
 use crate::session::{Due, Host, Session};
 
@@ -242,7 +242,30 @@ impl Host for Dispatch<'_> {
     fn pinged(&mut self) {
         WorkerStats::add(&self.w.stats().pings_sent, 1);
     }
+
+    fn page(&mut self, page: Page<'_>) -> Result<Bytes, Rejection> {
+        let shared = &self.w.shared;
+        match page {
+            Page::Demo if shared.config.demo => Ok(handshake::ok_response(
+                "text/html; charset=utf-8",
+                DEMO_PAGE.as_bytes(),
+            )),
+            Page::Demo => Err(Rejection {
+                status: 404,
+                reason: "the demo page is off (--no-demo); use /echo or /ws/{room}",
+            }),
+            Page::RoomInfo(room) => {
+                let members = shared.rooms.find(room).map_or(0, |r| r.members());
+                // Room names are restricted to characters that need no JSON escaping.
+                let body = format!("{{\"room\":\"{room}\",\"members\":{members}}}\n");
+                Ok(handshake::ok_response("application/json", body.as_bytes()))
+            }
+        }
+    }
 }
+
+/// The browser demo served at `GET /` (one self-contained page).
+const DEMO_PAGE: &str = include_str!("../demo/index.html");
 
 /// Debug builds only: `MEGASOCK_TEST_FAULTS=1` makes joining the room `__worker_panic__`
 /// panic the worker, so the tests can check what a dying worker does to the process.
