@@ -48,6 +48,8 @@ pub struct Delivery {
     pub frames: Bytes,
     /// Messages inside `frames`.
     pub messages: u32,
+    /// When the messages arrived (for the delivery latency samples).
+    pub born: std::time::Instant,
 }
 
 /// What a delivery costs in its ring: its frames and the delivery itself.
@@ -121,15 +123,25 @@ pub struct CrossCoreBus {
     touched: Vec<bool>,
 }
 
-/// Builds the rings for `n` workers; `wakeups[i]` and `rings[i]` belong to worker `i`.
+/// Builds the rings for `n` workers; `wakeups[i]` and `rings[i]` belong to worker `i`. The
+/// [`Injector`] lets a thread that is not a worker (the publish API) send into them.
 pub fn build(
     capacity: usize,
     rings: Arc<[RingState]>,
     wakeups: Arc<[Arc<Wakeup>]>,
-) -> Vec<CrossCoreBus> {
+) -> (Vec<CrossCoreBus>, Injector) {
     let n = rings.len();
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| crossbeam_channel::unbounded()).unzip();
-    rxs.into_iter()
+    let injector = Injector {
+        capacity,
+        outbound: txs.clone(),
+        rings: rings.clone(),
+        wakeups: wakeups.clone(),
+        overflow: (0..n).map(|_| VecDeque::new()).collect(),
+        overflow_bytes: 0,
+    };
+    let buses = rxs
+        .into_iter()
         .enumerate()
         .map(|(me, inbound)| CrossCoreBus {
             me,
@@ -142,7 +154,78 @@ pub fn build(
             overflowing: 0,
             touched: vec![false; n],
         })
-        .collect()
+        .collect();
+    (buses, injector)
+}
+
+/// Sends deliveries into the workers' rings from outside them (the publish API's thread),
+/// with the same rules as a worker: one FIFO per destination (its overflow first), bounded
+/// in bytes, never dropping what it accepted. It never pauses: the caller refuses new work
+/// while [`Injector::overflow_bytes`] is high.
+pub struct Injector {
+    capacity: usize,
+    outbound: Vec<Sender<Delivery>>,
+    rings: Arc<[RingState]>,
+    wakeups: Arc<[Arc<Wakeup>]>,
+    overflow: Vec<VecDeque<Delivery>>,
+    overflow_bytes: usize,
+}
+
+impl Injector {
+    /// Sends to worker `to` (behind what already waits for it) and wakes it if it sleeps.
+    pub fn send(&mut self, to: usize, d: Delivery) {
+        let waiting = if self.overflow[to].is_empty() {
+            self.push(to, d).err()
+        } else {
+            Some(d)
+        };
+        if let Some(d) = waiting {
+            self.overflow_bytes += cost(&d);
+            self.overflow[to].push_back(d);
+        }
+    }
+
+    fn push(&mut self, to: usize, d: Delivery) -> Result<(), Delivery> {
+        let c = cost(&d);
+        let ring = &self.rings[to].queued;
+        let before = ring.fetch_add(c, Ordering::SeqCst);
+        if before > 0 && before + c > self.capacity {
+            ring.fetch_sub(c, Ordering::SeqCst);
+            return Err(d);
+        }
+        if self.outbound[to].send(d).is_err() {
+            ring.fetch_sub(c, Ordering::SeqCst);
+        }
+        self.wakeups[to].nudge();
+        Ok(())
+    }
+
+    /// Moves what waits into rings that have room. Returns the bytes still waiting.
+    pub fn retry(&mut self) -> usize {
+        for to in 0..self.overflow.len() {
+            while let Some(d) = self.overflow[to].pop_front() {
+                let c = cost(&d);
+                match self.push(to, d) {
+                    Ok(()) => self.overflow_bytes -= c,
+                    Err(d) => {
+                        self.overflow[to].push_front(d);
+                        break;
+                    }
+                }
+            }
+        }
+        self.overflow_bytes
+    }
+
+    /// Bytes accepted but still waiting for room in a ring.
+    pub fn overflow_bytes(&self) -> usize {
+        self.overflow_bytes
+    }
+
+    /// The ring capacity (how much the caller may let wait before refusing more).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
 }
 
 /// What a send did, for the metrics.
@@ -306,7 +389,7 @@ mod tests {
             })
             .collect();
         let rings = ring_states(n);
-        (build(capacity, rings.clone(), wakeups), rings, polls)
+        (build(capacity, rings.clone(), wakeups).0, rings, polls)
     }
 
     fn delivery(room: &Arc<RoomShared>, len: usize) -> Delivery {
@@ -314,6 +397,7 @@ mod tests {
             room: room.clone(),
             frames: Bytes::from(vec![7u8; len]),
             messages: 1,
+            born: std::time::Instant::now(),
         }
     }
 

@@ -370,8 +370,13 @@ mod tests {
             assert_eq!(route, Route::Room("lobby"));
         }
         assert_eq!(
-            status(&GOOD.replace("/ws/lobby", "http://example.com")),
+            status(&GOOD.replace("/ws/lobby", "http://example.com/nope")),
             404
+        );
+        assert_eq!(
+            status(&GOOD.replace("/ws/lobby", "http://example.com")),
+            200,
+            "the demo page"
         );
     }
 }

@@ -100,6 +100,76 @@ pub fn kernel_warnings(
     out
 }
 
+/// The standard `process_*` metrics (resident memory, open and maximum fds, CPU time, start
+/// time), read from /proc at scrape time.
+pub fn process_metrics(out: &mut String) {
+    use std::fmt::Write as _;
+    let mut gauge = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let rss_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    gauge(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+        rss_kib * 1024.0,
+    );
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    gauge(
+        "process_open_fds",
+        "gauge",
+        "Open file descriptors.",
+        fds as f64,
+    );
+    let max = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft);
+    gauge(
+        "process_max_fds",
+        "gauge",
+        "Maximum open file descriptors (RLIMIT_NOFILE soft limit).",
+        max as f64,
+    );
+    // /proc/self/stat: fields after the command name; utime and stime are fields 14 and 15,
+    // starttime 22 (clock ticks; since boot).
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let field = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    gauge(
+        "process_cpu_seconds_total",
+        "counter",
+        "User and system CPU time spent, in seconds.",
+        (field(14) + field(15)) / hz,
+    );
+    let boot: f64 = std::fs::read_to_string("/proc/stat")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    gauge(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since the Unix epoch, in seconds.",
+        boot + field(22) / hz,
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

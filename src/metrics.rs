@@ -108,6 +108,13 @@ fn status_index(status: u16) -> usize {
     HTTP_STATUSES.iter().position(|&s| s == status).unwrap_or(0)
 }
 
+/// Upper bounds of the delivery latency histogram's buckets, in microseconds (exported in
+/// seconds as `le` labels).
+pub const LATENCY_BUCKETS_US: [u64; 16] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
 /// One worker's counters. Written only by that worker.
 #[derive(Default)]
 pub struct WorkerStats {
@@ -134,6 +141,18 @@ pub struct WorkerStats {
     pub turn_p50_us: AtomicU64,
     pub turn_p99_us: AtomicU64,
     pub turn_max_us: AtomicU64,
+    /// Every loop turn: how many, and their total duration (microseconds).
+    pub turn_count: AtomicU64,
+    pub turn_sum_us: AtomicU64,
+    /// When the worker last finished a turn (milliseconds since the server started).
+    pub last_turn_ms: AtomicU64,
+    /// Delivery latency samples (one per batch) per bucket of [`LATENCY_BUCKETS_US`], the
+    /// last one past every bound; their count and sum (microseconds).
+    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    pub latency_count: AtomicU64,
+    pub latency_sum_us: AtomicU64,
+    /// p99 of the delivery latency samples of the last second (microseconds).
+    pub latency_p99_us: AtomicU64,
     pub disconnects: [AtomicU64; Disconnect::ALL.len()],
     pub dropped: [AtomicU64; DropReason::ALL.len()],
     pub http: [AtomicU64; HTTP_STATUSES.len()],
@@ -153,6 +172,11 @@ impl WorkerStats {
     pub fn http_status(&self, status: u16) {
         self.http[status_index(status)].fetch_add(1, Relaxed);
     }
+}
+
+/// Microseconds as seconds, for the exposition format.
+fn micros(us: u64) -> f64 {
+    us as f64 / 1e6
 }
 
 /// Picks one counter out of a worker's stats.
@@ -208,9 +232,9 @@ impl Metrics {
             );
         }
         out.push_str(
-            "# HELP megasock_loop_turn_microseconds Event-loop turn durations over the last second.\n",
+            "# HELP megasock_loop_turn_seconds Event-loop turn durations (quantiles over the last second).\n",
         );
-        out.push_str("# TYPE megasock_loop_turn_microseconds gauge\n");
+        out.push_str("# TYPE megasock_loop_turn_seconds summary\n");
         for (i, w) in self.workers.iter().enumerate() {
             for (q, v) in [
                 ("0.5", &w.turn_p50_us),
@@ -219,11 +243,49 @@ impl Metrics {
             ] {
                 let _ = writeln!(
                     out,
-                    "megasock_loop_turn_microseconds{{worker=\"{i}\",quantile=\"{q}\"}} {}",
-                    v.load(Relaxed)
+                    "megasock_loop_turn_seconds{{worker=\"{i}\",quantile=\"{q}\"}} {}",
+                    micros(v.load(Relaxed))
                 );
             }
+            let _ = writeln!(
+                out,
+                "megasock_loop_turn_seconds_sum{{worker=\"{i}\"}} {}",
+                micros(w.turn_sum_us.load(Relaxed))
+            );
+            let _ = writeln!(
+                out,
+                "megasock_loop_turn_seconds_count{{worker=\"{i}\"}} {}",
+                w.turn_count.load(Relaxed)
+            );
         }
+        out.push_str(
+            "# HELP megasock_delivery_latency_seconds From a message's arrival (client read or publish API) to its write into recipients' sockets, one sample per batch.\n",
+        );
+        out.push_str("# TYPE megasock_delivery_latency_seconds histogram\n");
+        let mut cumulative = 0;
+        for (b, ub) in LATENCY_BUCKETS_US.iter().enumerate() {
+            cumulative += self.sum(|w| &w.latency_buckets[b]);
+            let _ = writeln!(
+                out,
+                "megasock_delivery_latency_seconds_bucket{{le=\"{}\"}} {cumulative}",
+                micros(*ub)
+            );
+        }
+        cumulative += self.sum(|w| &w.latency_buckets[LATENCY_BUCKETS_US.len()]);
+        let _ = writeln!(
+            out,
+            "megasock_delivery_latency_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+        );
+        let _ = writeln!(
+            out,
+            "megasock_delivery_latency_seconds_sum {}",
+            micros(self.sum(|w| &w.latency_sum_us))
+        );
+        let _ = writeln!(
+            out,
+            "megasock_delivery_latency_seconds_count {}",
+            self.sum(|w| &w.latency_count)
+        );
         let counters: [(&str, &str, Field); 14] = [
             ("accepted_total", "Sockets accepted.", |w| &w.accepted),
             (

@@ -65,6 +65,11 @@ impl FrameBatch {
         })
     }
 
+    /// Messages in the batch so far.
+    pub fn messages(&self) -> u32 {
+        self.messages
+    }
+
     /// Bytes allocated (zero between turns).
     pub fn capacity(&self) -> usize {
         self.frames.capacity()

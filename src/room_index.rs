@@ -34,6 +34,12 @@ impl RoomShared {
         self.members.load(Ordering::Relaxed)
     }
 
+    /// Calls `f` for every worker that has members.
+    #[inline]
+    pub fn for_each_worker(&self, f: impl FnMut(usize)) {
+        self.for_each_other_worker(usize::MAX, f);
+    }
+
     /// Calls `f` for every worker other than `me` that has members.
     #[inline]
     pub fn for_each_other_worker(&self, me: usize, mut f: impl FnMut(usize)) {

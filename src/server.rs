@@ -50,15 +50,12 @@ impl Server {
             sockets: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             failure: Mutex::new(None),
+            started: std::time::Instant::now(),
             metrics: Metrics::new(workers),
             rooms: RoomDirectory::new(workers),
             wakeups,
             config,
         });
-        let metrics_addr = match shared.config.admin {
-            Some(a) => Some(crate::admin::spawn(a, shared.clone())?),
-            None => None,
-        };
 
         let cores = if shared.config.pin {
             core_affinity::get_core_ids().unwrap_or_default()
@@ -68,7 +65,11 @@ impl Server {
         if shared.config.pin && cores.is_empty() {
             log::warn!("--pin: cannot read this process's CPU set; workers are not pinned");
         }
-        let buses = worker::buses(&shared);
+        let (buses, injector) = worker::buses(&shared);
+        let metrics_addr = match shared.config.admin {
+            Some(a) => Some(crate::admin::spawn(a, shared.clone(), injector)?),
+            None => None,
+        };
         let mut threads = Vec::with_capacity(workers);
         for (id, ((poll, lst), bus)) in polls.into_iter().zip(listeners).zip(buses).enumerate() {
             let w = Worker::new(id, poll, lst, bus, shared.clone())?;
@@ -116,7 +117,7 @@ impl Server {
             fd.soft,
             fd.soft_before,
             fd.hard,
-            metrics_addr.map_or(String::new(), |a| format!(" | metrics http://{a}/metrics")),
+            metrics_addr.map_or(String::new(), |a| format!(" | admin http://{a}/ (metrics, healthz, readyz, stats, publish)")),
         );
         let server = Server {
             shared,
@@ -136,7 +137,7 @@ impl Server {
             text.push_str(&format!("ws={a}\n"));
         }
         if let Some(m) = self.metrics_addr {
-            text.push_str(&format!("metrics={m}\n"));
+            text.push_str(&format!("metrics={m}\nadmin={m}\n"));
         }
         // Write then rename, so a reader never sees half a file.
         let tmp = path.with_extension("tmp");

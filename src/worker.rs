@@ -28,6 +28,7 @@ mod accept;
 mod fanout;
 mod lifecycle;
 mod read;
+mod samplers;
 mod write;
 
 use std::io;
@@ -65,6 +66,8 @@ const NOBODY: u32 = u32::MAX;
 /// State shared by all workers (read-mostly; nothing here is touched per message).
 pub struct Shared {
     pub config: Config,
+    /// When the server started (the workers' clocks count from here).
+    pub started: Instant,
     pub max_connections: usize,
     /// Sockets past `max_connections` that still get a 503 (from the fd reserve); beyond
     /// that a new socket is closed at once, so a flood cannot exhaust the fds.
@@ -128,8 +131,8 @@ pub fn polls(n: usize) -> io::Result<(Vec<Poll>, Wakeups)> {
     Ok((polls, wakeups.into()))
 }
 
-/// Builds one bus end per worker.
-pub fn buses(shared: &Shared) -> Vec<CrossCoreBus> {
+/// Builds one bus end per worker, and the injector for the publish API.
+pub fn buses(shared: &Shared) -> (Vec<CrossCoreBus>, bus::Injector) {
     bus::build(
         shared.config.ring_capacity,
         shared.metrics.rings.clone(),
@@ -166,38 +169,6 @@ impl Tally {
     }
 }
 
-/// How long the loop's turns take (the time from waking up to polling again): a worker whose
-/// turns grow long is late for every connection it holds. Recorded in a histogram and
-/// published as quantiles about once a second.
-struct TurnTimes {
-    hist: hdrhistogram::Histogram<u64>,
-    published_at: u32,
-}
-
-impl TurnTimes {
-    fn new() -> TurnTimes {
-        TurnTimes {
-            hist: hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2)
-                .expect("static histogram bounds are valid"),
-            published_at: 0,
-        }
-    }
-
-    fn record(&mut self, turn: Duration, now: u32, s: &WorkerStats) {
-        self.hist.saturating_record(turn.as_micros().max(1) as u64);
-        if now >= self.published_at + ticks_of(Duration::from_secs(1)) {
-            self.published_at = now;
-            let h = &self.hist;
-            s.turn_p50_us
-                .store(h.value_at_quantile(0.5), Ordering::Relaxed);
-            s.turn_p99_us
-                .store(h.value_at_quantile(0.99), Ordering::Relaxed);
-            s.turn_max_us.store(h.max(), Ordering::Relaxed);
-            self.hist.reset();
-        }
-    }
-}
-
 pub struct Worker {
     id: usize,
     poll: Poll,
@@ -223,7 +194,11 @@ pub struct Worker {
     draining: bool,
     /// Rooms with frames published this turn.
     pending_rooms: Vec<u32>,
-    turns: TurnTimes,
+    samplers: samplers::Samplers,
+    /// When the current turn began (a message read now arrived then).
+    turn_start: Instant,
+    /// When each batch delivered this turn was born (for the latency samples).
+    births: Vec<Instant>,
     /// Echo frames of the connection being read (see `flush_echoes`).
     echoes: FrameBatch,
     /// The connection whose session is out of its slot being fed (see `read::with_session`).
@@ -259,6 +234,7 @@ impl Worker {
             drain_until: None,
         };
         let per_worker = shared.max_connections / c.workers + 1;
+        let started = shared.started;
         Ok(Worker {
             id,
             poll,
@@ -275,13 +251,15 @@ impl Worker {
             scratch: vec![0; SCRATCH],
             shared,
             limits,
-            start: Instant::now(),
+            start: started,
             now: 0,
             next_generation: 1,
             accept_paused_until: None,
             draining: false,
             pending_rooms: Vec::new(),
-            turns: TurnTimes::new(),
+            samplers: samplers::Samplers::new(),
+            turn_start: Instant::now(),
+            births: Vec::new(),
             echoes: FrameBatch::default(),
             feeding: NOBODY,
             feeding_over_limit: false,
@@ -314,6 +292,7 @@ impl Worker {
                 Err(e) => return Err(e),
             }
             let woke = Instant::now();
+            self.turn_start = woke;
             self.now = ((woke - self.start).as_nanos() / TICK.as_nanos()) as u32;
 
             for ev in events.iter() {
@@ -357,12 +336,14 @@ impl Worker {
             let wakes = self.bus.wake_peers();
             WorkerStats::add(&self.stats().wakeups_sent, wakes);
             self.flush_dirty();
-            self.tally.publish(&self.shared.metrics.workers[self.id]);
-            self.turns.record(
-                woke.elapsed(),
-                self.now,
-                &self.shared.metrics.workers[self.id],
-            );
+            let done = Instant::now();
+            let stats = &self.shared.metrics.workers[self.id];
+            self.samplers.delivered(&mut self.births, done);
+            self.tally.publish(stats);
+            self.samplers.turn(done - woke, stats);
+            self.samplers.publish(done, stats);
+            let age = done.duration_since(self.start).as_millis() as u64;
+            stats.last_turn_ms.store(age, Ordering::Relaxed);
             if self.draining && self.drained() {
                 return Ok(());
             }

@@ -2,6 +2,7 @@
 
 mod common;
 use common::*;
+use std::time::Duration;
 
 #[test]
 fn echo_text_and_binary() {
@@ -254,7 +255,17 @@ fn http_errors_before_upgrade() {
         ),
         ("bad key", good.replace(KEY, "short"), 400),
         ("unknown path", good.replace("/echo", "/nowhere"), 404),
-        ("root path", good.replace("/echo", "/"), 404),
+        ("unknown path", good.replace("/echo", "/nope"), 404),
+        (
+            "room info, bad name",
+            good.replace("/echo", "/rooms/.."),
+            400,
+        ),
+        (
+            "room info, not GET",
+            good.replace("GET /echo", "PUT /rooms/x"),
+            405,
+        ),
         ("room ..", good.replace("/echo", "/ws/.."), 400),
         ("room .", good.replace("/echo", "/ws/."), 400),
         ("empty room", good.replace("/echo", "/ws/"), 400),
@@ -329,4 +340,34 @@ fn request_split_across_reads_and_frame_pipelined_after_it() {
         got.extend_from_slice(&out[..n]);
     }
     assert!(got.starts_with(b"HTTP/1.1 101 "));
+}
+
+/// The WebSocket listener's plain pages: the demo at `/` (unless `--no-demo`) and a room's
+/// member count at `/rooms/{room}`, each answered once with `Connection: close`.
+#[test]
+fn demo_page_and_room_info() {
+    let srv = ServerProc::start(&["--workers", "2"]);
+    let page = http_exchange(srv.ws, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(page.starts_with("HTTP/1.1 200 "), "{page}");
+    assert!(page.contains("Content-Type: text/html") && page.contains("<title>"));
+    let info = |room: &str| {
+        let req = format!("GET /rooms/{room} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let resp = http_exchange(srv.ws, req.as_bytes());
+        assert!(resp.starts_with("HTTP/1.1 200 ") && resp.contains("\r\nConnection: close\r\n"));
+        resp.split("\r\n\r\n").nth(1).unwrap().trim().to_string()
+    };
+    assert_eq!(info("hall"), r#"{"room":"hall","members":0}"#);
+    let members: Vec<Client> = (0..3)
+        .map(|_| Client::connect(srv.ws, "/ws/hall"))
+        .collect();
+    assert_eq!(info("hall"), r#"{"room":"hall","members":3}"#);
+    drop(members);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while info("hall") != r#"{"room":"hall","members":0}"# {
+        assert!(std::time::Instant::now() < deadline, "members never left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let off = ServerProc::start(&["--no-demo"]);
+    let page = http_exchange(off.ws, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(page.starts_with("HTTP/1.1 404 "), "{page}");
 }

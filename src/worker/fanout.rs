@@ -56,6 +56,10 @@ impl Worker {
             return;
         };
         let shared = local.shared.clone();
+        let born = self.turn_start;
+        if !local.members.is_empty() {
+            self.births.push(born);
+        }
         // Index loop: enqueue never changes membership (nothing is dropped while fanning
         // out; a slow consumer only changes phase), so the member list is stable here.
         for i in 0..self.rooms.get(room).members.len() {
@@ -63,13 +67,13 @@ impl Worker {
             self.enqueue(member, chunk.clone());
         }
         let (mut ring, mut overflow) = (0u64, 0u64);
-        let was_backed_up = self.bus.is_backed_up();
         let bus = &mut self.bus;
         shared.for_each_other_worker(self.id, |w| {
             let d = Delivery {
                 room: shared.clone(),
                 frames: chunk.bytes.clone(),
                 messages: chunk.messages,
+                born,
             };
             match bus.send(w, d) {
                 bus::Sent::Ring => ring += 1,
@@ -82,7 +86,6 @@ impl Worker {
         if overflow > 0 {
             WorkerStats::add(&stats.bus_overflowed, overflow * messages);
         }
-        debug_assert!(was_backed_up || overflow == 0 || self.bus.is_backed_up());
     }
 
     pub(super) fn drain_inbound(&mut self) {
@@ -94,6 +97,7 @@ impl Worker {
             let Some(room) = self.rooms.by_id(d.room.id) else {
                 continue; // its last local member left meanwhile: nobody here to deliver to
             };
+            self.births.push(d.born);
             let chunk = Chunk {
                 bytes: d.frames,
                 messages: d.messages,

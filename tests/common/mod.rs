@@ -75,7 +75,7 @@ impl ServerProc {
     /// The full Prometheus text.
     pub fn metrics_text(&self) -> String {
         let mut s = TcpStream::connect(self.metrics).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
             .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
