@@ -1,0 +1,120 @@
+//! The demo page (`GET /`) in a real browser: headless Chromium, driven by
+//! `tests/browser/demo.mjs` (playwright-core), joins one room from two pages and chats.
+//!
+//! Needs Debian's `/usr/bin/chromium` and `npm ci` in `tests/browser`; `.ci/run` installs both.
+
+mod common;
+use common::*;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The `<title>` of the page as it is in the source tree.
+fn page_title() -> String {
+    let html = std::fs::read_to_string(root().join("src/demo/index.html")).unwrap();
+    let start = html.find("<title>").expect("the page has a <title>") + "<title>".len();
+    let end = start + html[start..].find("</title>").unwrap();
+    let title = html[start..end].trim().to_string();
+    assert!(!title.is_empty(), "the page's <title> is empty");
+    title
+}
+
+fn check_prerequisites() {
+    let mut missing = Vec::new();
+    if !Path::new(CHROMIUM).exists() {
+        missing.push(format!("{CHROMIUM} (apt-get install chromium)"));
+    }
+    if !root()
+        .join("tests/browser/node_modules/playwright-core")
+        .is_dir()
+    {
+        missing.push("tests/browser/node_modules (cd tests/browser && npm ci)".to_string());
+    }
+    if Command::new("node").arg("--version").output().is_err() {
+        missing.push("node (apt-get install nodejs)".to_string());
+    }
+    assert!(
+        missing.is_empty(),
+        "the browser test needs: {}.\n.ci/run installs them (chromium via apt, `npm ci` in \
+         tests/browser); run it once, or install them by hand.",
+        missing.join(", ")
+    );
+}
+
+#[test]
+fn demo_page_chats_between_two_browser_pages() {
+    check_prerequisites();
+    let title = page_title();
+    let server = ServerProc::start(&["--workers", "2"]);
+
+    let resp = http_exchange(server.ws, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    let (head, body) = resp.split_once("\r\n\r\n").expect("a complete response");
+    assert!(head.starts_with("HTTP/1.1 200 "), "GET / answered: {head}");
+    assert!(
+        head.lines().any(|l| {
+            let l = l.to_ascii_lowercase();
+            l.starts_with("content-type:") && l.contains("text/html")
+        }),
+        "GET / is not text/html: {head}"
+    );
+    assert!(
+        body.contains(&format!("<title>{title}</title>")),
+        "GET / does not carry the page's title {title:?}"
+    );
+
+    let shot = root().join("target/demo-screenshot.png");
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    let _ = std::fs::remove_file(&shot);
+    let logs = std::env::temp_dir().join(format!("megasock-browser-{}", std::process::id()));
+    std::fs::create_dir_all(&logs).unwrap();
+    let (out_path, err_path) = (logs.join("stdout"), logs.join("stderr"));
+
+    let started = Instant::now();
+    let mut node = Command::new("node")
+        .arg("tests/browser/demo.mjs")
+        .arg(format!("http://{}", server.ws))
+        .arg(&shot)
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .expect("spawn node");
+    // demo.mjs stops itself after 30 s; this is the backstop if node itself hangs.
+    let status = loop {
+        if let Some(s) = node.try_wait().unwrap() {
+            break Some(s);
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = node.kill();
+            let _ = node.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&logs);
+    println!("{out}{err}demo.mjs took {:.1?}", started.elapsed());
+    match status {
+        Some(s) => assert!(s.success(), "demo.mjs failed ({s}):\n{out}{err}"),
+        None => panic!("demo.mjs did not finish within 60 s:\n{out}{err}"),
+    }
+
+    let size = std::fs::metadata(&shot)
+        .unwrap_or_else(|e| panic!("no screenshot at {}: {e}", shot.display()))
+        .len();
+    assert!(size > 1024, "screenshot is only {size} bytes");
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "screenshot is not a PNG"
+    );
+}
