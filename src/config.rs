@@ -131,6 +131,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
 
+    /// Restart without refusing a connect: take the listening sockets of the megasock serving
+    /// this Unix socket path (it then drains and exits), and serve the path for the next
+    /// restart. The first process with the path just binds --listen. [default: off]
+    #[arg(long, value_name = "PATH")]
+    pub takeover: Option<PathBuf>,
+
     /// Once listening, write the bound addresses to this file (`ws=IP:PORT` lines, then
     /// `metrics=IP:PORT`), for scripts that start the server on port 0. [default: none]
     #[arg(long, value_name = "FILE")]
@@ -160,6 +166,7 @@ pub struct Config {
     pub admin_token: Option<String>,
     pub demo: bool,
     pub log_format: LogFormat,
+    pub takeover: Option<PathBuf>,
     pub ready_file: Option<PathBuf>,
 }
 
@@ -226,6 +233,7 @@ impl ServeArgs {
             admin,
             admin_token,
             log_format,
+            takeover,
             ready_file
         );
         if self.listen.is_empty() {
@@ -295,6 +303,7 @@ impl ServeArgs {
             admin_token: self.admin_token.filter(|t| !t.is_empty()),
             demo: !self.no_demo,
             log_format: self.log_format.unwrap_or(LogFormat::Human),
+            takeover: self.takeover,
             ready_file: self.ready_file,
         })
     }

@@ -21,6 +21,7 @@ pub mod plan;
 pub mod room_index;
 pub mod server;
 pub mod session;
+pub mod takeover;
 pub mod timer_wheel;
 pub mod worker;
 

@@ -44,6 +44,38 @@ pub fn bind_all(
     Ok((per_worker, bound))
 }
 
+/// Spreads inherited listening sockets (see `takeover`) over `workers`, binding more on the
+/// same addresses where there are fewer than workers. Returns per-worker lists and the
+/// addresses served.
+pub fn adopt(
+    inherited: Vec<(SocketAddr, std::net::TcpListener)>,
+    workers: usize,
+    backlog: u32,
+) -> io::Result<(Vec<Vec<TcpListener>>, Vec<SocketAddr>)> {
+    let mut groups: Vec<(SocketAddr, Vec<std::net::TcpListener>)> = Vec::new();
+    for (addr, l) in inherited {
+        match groups.iter_mut().find(|(a, _)| *a == addr) {
+            Some((_, g)) => g.push(l),
+            None => groups.push((addr, vec![l])),
+        }
+    }
+    let mut per_worker: Vec<Vec<TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut bound = Vec::with_capacity(groups.len());
+    for (addr, group) in groups {
+        bound.push(addr);
+        let have = group.len();
+        // Every inherited socket keeps being accepted from (closing one would reset its
+        // queue); workers beyond them get new sockets in the same SO_REUSEPORT group.
+        for (i, l) in group.into_iter().enumerate() {
+            per_worker[i % workers].push(TcpListener::from_std(l));
+        }
+        for list in per_worker.iter_mut().skip(have) {
+            list.push(reuseport_listener(addr, backlog).map_err(|e| with_addr(e, addr))?);
+        }
+    }
+    Ok((per_worker, bound))
+}
+
 fn with_addr(e: io::Error, addr: SocketAddr) -> io::Error {
     let hint = match e.kind() {
         io::ErrorKind::AddrInUse => " (another process holds this port; pick another --listen)",

@@ -41,8 +41,26 @@ impl Server {
             );
         }
 
-        let (listeners, addrs) =
-            crate::listener::bind_all(&config.listen, workers, config.backlog)?;
+        let mut inherited = match &config.takeover {
+            Some(path) => crate::takeover::take(path)?,
+            None => None,
+        };
+        let (listeners, addrs) = match inherited.as_mut() {
+            Some(i) => {
+                let taken = std::mem::take(&mut i.listeners);
+                log::info!(
+                    "took over {} listening sockets from the running megasock",
+                    taken.len()
+                );
+                crate::listener::adopt(taken, workers, config.backlog)?
+            }
+            None => crate::listener::bind_all(&config.listen, workers, config.backlog)?,
+        };
+        let listener_fds: Vec<std::os::fd::RawFd> = listeners
+            .iter()
+            .flatten()
+            .map(std::os::fd::AsRawFd::as_raw_fd)
+            .collect();
         let (polls, wakeups) = worker::polls(workers)?;
         let shared = Arc::new(Shared {
             max_connections,
@@ -119,6 +137,13 @@ impl Server {
             fd.hard,
             metrics_addr.map_or(String::new(), |a| format!(" | admin http://{a}/ (metrics, healthz, readyz, stats, publish)")),
         );
+        // Our workers accept: the predecessor may drain, and we wait for our successor.
+        if let Some(i) = inherited {
+            i.release_predecessor()?;
+        }
+        if let Some(path) = shared.config.takeover.clone() {
+            crate::takeover::serve(path, listener_fds, shared.clone())?;
+        }
         let server = Server {
             shared,
             threads,

@@ -117,6 +117,8 @@ mod bit {
     pub const PEER_EOF: u8 = 1 << 1;
     /// FIN was sent.
     pub const FIN_SENT: u8 = 1 << 2;
+    /// The server drains: an upgrade completed now is closed with 1001 right away.
+    pub const DRAINING: u8 = 1 << 3;
 }
 
 /// One connection's protocol state: 16 bytes while idle.
@@ -288,12 +290,15 @@ impl Session {
         self.enter(Phase::Lingering, now);
     }
 
-    /// The server drains: an open connection gets close 1001, a half-open one is dropped.
+    /// The server drains: an open connection gets close 1001; one still upgrading gets it as
+    /// soon as its upgrade completes (within its handshake timeout and the drain timeout).
     pub fn shutdown<H: Host>(&mut self, now: u32, host: &mut H) -> Option<Due> {
         match self.phase {
             Phase::Handshake => {
-                host.ended(Disconnect::Shutdown);
-                Some(Due::Drop)
+                // A client mid-upgrade was accepted: refusing it now would be a failed connect
+                // during a restart. It completes its upgrade and is told 1001 at once.
+                self.bits |= bit::DRAINING;
+                None
             }
             Phase::Open => {
                 host.before_close();

@@ -157,6 +157,16 @@ impl Session {
                     ib.scanned = 0;
                 }
                 self.enter(Phase::Open, now);
+                if self.bits & super::bit::DRAINING != 0 {
+                    // Upgraded while the server drains: told at once (see `shutdown`).
+                    host.before_close();
+                    host.ended(Disconnect::Shutdown);
+                    if let Some(frame) =
+                        self.close(codec::CLOSE_GOING_AWAY, "server shutting down", now)
+                    {
+                        host.send(frame);
+                    }
+                }
                 end + self.consume_frames(&mut buf[end..], ib, lim, now, host)
             }
         }

@@ -362,6 +362,22 @@ fn shutdown_closes_open_sessions_and_drops_handshakes() {
         500,
         "a drain waits longer than --close-timeout"
     );
+    // Mid-upgrade: kept, upgraded, and told 1001 at once.
     let mut s = Session::new(0);
-    assert_eq!(s.shutdown(5, &mut Rec::default()), Some(Due::Drop));
+    let mut rec = Rec::default();
+    assert_eq!(s.shutdown(5, &mut rec), None);
+    assert!(rec.0.is_empty());
+    feed(&mut s, REQUEST, &mut rec);
+    assert!(matches!(
+        &rec.0[..],
+        [
+            Ev::Status(101),
+            Ev::Upgraded(_),
+            Ev::Http(_),
+            Ev::BeforeClose,
+            Ev::Ended(Disconnect::Shutdown),
+            Ev::Close(Some(1001))
+        ]
+    ));
+    assert_eq!(s.phase(), Phase::Closing);
 }

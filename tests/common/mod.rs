@@ -24,6 +24,15 @@ impl ServerProc {
     }
 
     pub fn start_with(args: &[&str], tweak: impl FnOnce(&mut Command)) -> ServerProc {
+        Self::launch("127.0.0.1:0", args, tweak)
+    }
+
+    /// Starts megasock listening on `listen` (e.g. the port of a running one, to take over).
+    pub fn start_on(listen: &str, args: &[&str]) -> ServerProc {
+        Self::launch(listen, args, |_| {})
+    }
+
+    fn launch(listen: &str, args: &[&str], tweak: impl FnOnce(&mut Command)) -> ServerProc {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("megasock-test-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -34,7 +43,7 @@ impl ServerProc {
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_megasock")));
         let mut cmd = Command::new(bin);
         cmd.arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
             .arg("--ready-file")
             .arg(&ready)
             .args(args)
@@ -208,6 +217,31 @@ impl Client {
         );
         assert!(head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
         c
+    }
+
+    /// Upgrades a connected stream; an error (not a panic) if anything but a 101 comes back.
+    pub fn try_from_stream(s: TcpStream, path: &str) -> Result<Client, String> {
+        let _ = s.set_nodelay(true);
+        let mut c = Client { s, buf: Vec::new() };
+        c.s.write_all(upgrade_request(path).as_bytes())
+            .map_err(|e| format!("write request: {e}"))?;
+        loop {
+            if let Some(i) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&c.buf[..i + 4]).into_owned();
+                c.buf.drain(..i + 4);
+                return if head.starts_with("HTTP/1.1 101 ") {
+                    Ok(c)
+                } else {
+                    Err(format!("answered {:?}", head.lines().next()))
+                };
+            }
+            let mut tmp = [0u8; 4096];
+            match c.s.read(&mut tmp) {
+                Ok(0) => return Err("closed during the handshake".into()),
+                Ok(n) => c.buf.extend_from_slice(&tmp[..n]),
+                Err(e) => return Err(format!("read response: {e}")),
+            }
+        }
     }
 
     fn read_head(&mut self) -> String {

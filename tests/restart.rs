@@ -1,0 +1,132 @@
+//! Restarting without refusing a single connect: a new megasock takes over the listening
+//! sockets (`--takeover PATH`) while the old one drains (close 1001 to its clients), and
+//! clients that connect the whole time never see a failure. (Two processes merely sharing the
+//! port through SO_REUSEPORT lose a few connects per restart: the old listeners' accept queues
+//! are reset when they close. That is why `--takeover` exists.)
+
+mod common;
+use common::*;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Connects, upgrades, echoes one message, closes; over and over until told to stop.
+/// Returns (attempts, failures and what they were).
+fn connect_loop(
+    addr: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicUsize>,
+) -> (usize, Vec<String>) {
+    let mut failures = Vec::new();
+    let mut attempts = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        attempts += 1;
+        count.fetch_add(1, Ordering::Relaxed);
+        let outcome = std::panic::catch_unwind(|| {
+            let s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut c = Client::try_from_stream(s, "/echo")?;
+            c.send_text("hi");
+            match c.try_recv() {
+                Some(f) if f.payload == b"hi" => Ok(()),
+                Some(f) if f.opcode == CLOSE => Ok(()), // told 1001 by a draining server
+                other => Err(format!("echo: {other:?}")),
+            }
+        });
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push(e),
+            Err(_) => failures.push("panic".into()),
+        }
+    }
+    (attempts, failures)
+}
+
+fn restart_with(extra_new: &[&str], old_args: &[&str]) -> (usize, Vec<String>) {
+    let mut old = ServerProc::start(old_args);
+    let port = old.ws.port();
+    // A client of the old server stays connected until the old server says 1001.
+    let mut resident = Client::connect(old.ws, "/echo");
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicUsize::new(0));
+    // Several loops at once, so the old server's accept queue is rarely empty when it goes.
+    let loopers: Vec<_> = (0..LOOPS)
+        .map(|_| {
+            let (stop, count, addr) = (stop.clone(), count.clone(), old.ws);
+            std::thread::spawn(move || connect_loop(addr, stop, count))
+        })
+        .collect();
+    let wait_for = |n: usize| {
+        let until = count.load(Ordering::Relaxed) + n;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while count.load(Ordering::Relaxed) < until && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for(50);
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["--workers", "2"];
+    args.extend_from_slice(extra_new);
+    let new = ServerProc::start_on(&listen, &args);
+    wait_for(50);
+    old.signal(libc_sigterm());
+    assert_eq!(
+        resident.expect_close(),
+        Some(1001),
+        "resident client told 1001"
+    );
+    resident.reply_close(1001);
+    let status = old.wait_exit(15);
+    assert!(
+        status.success(),
+        "old server exits 0 after draining: {status}"
+    );
+    wait_for(200);
+    stop.store(true, Ordering::Relaxed);
+    let mut attempts = 0;
+    let mut failures = Vec::new();
+    for l in loopers {
+        let (a, f) = l.join().unwrap();
+        attempts += a;
+        failures.extend(f);
+    }
+    drop(new);
+    (attempts, failures)
+}
+
+const LOOPS: usize = 8;
+
+fn libc_sigterm() -> i32 {
+    15
+}
+
+#[test]
+fn a_new_process_takes_over_the_listeners_and_no_connect_fails() {
+    let dir = std::env::temp_dir().join(format!("megasock-takeover-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("takeover.sock");
+    let path = path.to_str().unwrap();
+    let (attempts, failures) = restart_with(
+        &["--takeover", path],
+        &[
+            "--workers",
+            "2",
+            "--takeover",
+            path,
+            "--drain-timeout",
+            "3s",
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!(
+        "{attempts} connects, {} failed: {failures:?}",
+        failures.len()
+    );
+    assert!(attempts > 300, "the loop ran: {attempts}");
+    assert!(
+        failures.is_empty(),
+        "{} of {attempts} connects failed: {failures:?}",
+        failures.len()
+    );
+}
