@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use megasock::config::LogFormat;
 use megasock::{ServeArgs, Server};
 
 #[derive(Parser)]
@@ -28,8 +29,27 @@ enum Command {
     Plan(megasock::plan::PlanArgs),
 }
 
+/// Logging to stderr, filtered by `RUST_LOG` (default `info`): one line per event for people,
+/// or one JSON object per line for collectors. Per-connection events are logged at debug
+/// only; nothing is logged per message.
+fn init_logging(format: LogFormat) {
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if format == LogFormat::Json {
+        b.format(|buf, record| {
+            use std::io::Write as _;
+            let line = serde_json::json!({
+                "ts": buf.timestamp_millis().to_string(),
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "msg": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    }
+    b.init();
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     // A panic in a worker is caught by its thread, which drains the other workers and makes
     // the process exit non-zero (server.rs). Any other thread's panic ends the process now.
     let default_hook = std::panic::take_hook();
@@ -59,6 +79,7 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Some(Command::Serve(a)) => *a,
         Some(Command::Plan(p)) => {
+            init_logging(LogFormat::Human);
             let (text, fits) = megasock::plan::report(&p, std::path::Path::new("/"));
             print!("{text}");
             return if fits {
@@ -80,6 +101,7 @@ fn main() -> ExitCode {
 
 fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let config = args.merge_config_file()?.resolve()?;
+    init_logging(config.log_format);
     let server = Server::start(config)?;
     let shared = server.shared().clone();
     let mut signals = signal_hook::iterator::Signals::new([

@@ -553,3 +553,33 @@ fn accept_backs_off_on_emfile_instead_of_spinning_and_resumes() {
     let errors = srv.metric("megasock_accept_errors_total");
     assert!((1..=40).contains(&errors), "accept errors: {errors}");
 }
+
+/// `--log-format json`: every log line is one JSON object with ts, level, target and msg.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_megasock"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = 0;
+    for line in stderr.lines().take(20) {
+        let line = line.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON object per line");
+        for key in ["ts", "level", "target", "msg"] {
+            assert!(v.get(key).is_some_and(|x| x.is_string()), "{key} in {line}");
+        }
+        seen += 1;
+        if v["msg"].as_str().unwrap().contains("listening on") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen >= 1, "no log line");
+}
