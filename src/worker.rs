@@ -191,6 +191,8 @@ pub struct Worker {
     now: u32,
     next_generation: u32,
     accept_paused_until: Option<u32>,
+    /// Accept failed for lack of fds or memory and has not succeeded since (logged once).
+    accept_starved: bool,
     draining: bool,
     /// Rooms with frames published this turn.
     pending_rooms: Vec<u32>,
@@ -255,6 +257,7 @@ impl Worker {
             now: 0,
             next_generation: 1,
             accept_paused_until: None,
+            accept_starved: false,
             draining: false,
             pending_rooms: Vec::new(),
             samplers: samplers::Samplers::new(),

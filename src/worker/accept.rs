@@ -24,7 +24,12 @@ impl Worker {
         }
         for _ in 0..ACCEPTS_PER_TURN {
             match self.listeners[i].accept() {
-                Ok((stream, _)) => self.admit(stream),
+                Ok((stream, _)) => {
+                    if std::mem::take(&mut self.accept_starved) {
+                        log::info!("worker {}: accepting again", self.id);
+                    }
+                    self.admit(stream)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if !is_resource_exhaustion(&e) => {
@@ -36,9 +41,18 @@ impl Worker {
                     // edge comes; retrying now would spin. Pause and retry from the timer.
                     WorkerStats::add(&self.stats().accept_errors, 1);
                     self.accept_paused_until = Some(self.now + ticks_of(ACCEPT_BACKOFF));
-                    log::warn!(
+                    // Once per episode at warn (it repeats every back-off while it lasts).
+                    let level = if self.accept_starved {
+                        log::Level::Debug
+                    } else {
+                        log::Level::Warn
+                    };
+                    self.accept_starved = true;
+                    log::log!(
+                        level,
                         "worker {}: accept failed: {e}; pausing accepts for {ACCEPT_BACKOFF:?} \
-                         (raise the fd limit or --max-connections headroom: scripts/tune.sh check)",
+                         and retrying (raise the fd limit or --max-connections headroom: \
+                         scripts/tune.sh check)",
                         self.id,
                     );
                     return;
@@ -96,7 +110,7 @@ impl Worker {
             token,
             Interest::READABLE | Interest::WRITABLE,
         ) {
-            log::warn!("worker {}: register failed: {e}", self.id);
+            log::debug!("worker {}: register failed: {e}", self.id);
             self.shared.sockets.fetch_sub(1, Ordering::Relaxed);
             self.stats().disconnect(Disconnect::IoError);
             return;
