@@ -104,15 +104,21 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     init_logging(config.log_format);
     let server = Server::start(config)?;
     let shared = server.shared().clone();
+    systemd_notify(&format!("READY=1\nMAINPID={}\n", std::process::id()));
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
     ])?;
     std::thread::Builder::new()
         .name("megasock-signals".into())
         .spawn(move || {
             let mut seen = 0;
             for sig in signals.forever() {
+                if sig == signal_hook::consts::SIGHUP {
+                    reload(&shared.config);
+                    continue;
+                }
                 seen += 1;
                 if seen == 1 {
                     log::info!(
@@ -129,4 +135,70 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     server.join()?;
     log::info!("drained; exiting");
     Ok(())
+}
+
+/// SIGHUP: start a new megasock (the same binary and arguments, so an upgraded binary and a
+/// changed config file take effect) that takes over the listening sockets through `--takeover`;
+/// this process then drains and exits. Without `--takeover` there is no way to hand over
+/// without refusing connects, so the signal is refused with a message.
+fn reload(config: &megasock::Config) {
+    let Some(path) = &config.takeover else {
+        log::warn!(
+            "SIGHUP: reloading needs --takeover PATH (a Unix socket path, e.g. \
+             /run/megasock/takeover.sock); ignored"
+        );
+        return;
+    };
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return log::error!("SIGHUP: cannot find this binary to restart it: {e}"),
+    };
+    match std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(mut child) => {
+            log::info!(
+                "SIGHUP: started {} (pid {}); it takes over through {} and this process drains",
+                exe.display(),
+                child.id(),
+                path.display()
+            );
+            // Reap it if it fails before taking over (this process then keeps serving).
+            let _ = std::thread::Builder::new()
+                .name("megasock-reload".into())
+                .spawn(move || {
+                    if let Ok(status) = child.wait() {
+                        if !status.success() {
+                            log::error!(
+                                "SIGHUP: the new process exited with {status}; still serving"
+                            );
+                        }
+                    }
+                });
+        }
+        Err(e) => log::error!("SIGHUP: cannot start {}: {e}; still serving", exe.display()),
+    }
+}
+
+/// Tells systemd (Type=notify) about this process: READY=1 once serving, and MAINPID so that
+/// after a SIGHUP reload the new process becomes the service's main process.
+fn systemd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let sent = match bytes.strip_prefix(b"@") {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a)),
+        None => sock.send_to(state.as_bytes(), &path),
+    };
+    if let Err(e) = sent {
+        log::warn!("cannot notify systemd at {}: {e}", path.to_string_lossy());
+    }
 }

@@ -157,7 +157,7 @@ impl Server {
     }
 
     fn write_ready_file(&self, path: &Path) -> io::Result<()> {
-        let mut text = String::new();
+        let mut text = format!("pid={}\n", std::process::id());
         for a in &self.addrs {
             text.push_str(&format!("ws={a}\n"));
         }

@@ -95,7 +95,14 @@ impl Inherited {
 /// listening sockets), and once it is ready, drains this process.
 pub fn serve(path: PathBuf, fds: Vec<RawFd>, shared: Arc<Shared>) -> io::Result<()> {
     let _ = std::fs::remove_file(&path); // our predecessor's, now ours
-    let listener = UnixListener::bind(&path).map_err(|e| context(&path, e))?;
+    let listener = UnixListener::bind(&path).map_err(|e| {
+        let hint = match e.kind() {
+            io::ErrorKind::NotFound => " (create its directory; under systemd, RuntimeDirectory=megasock makes /run/megasock)",
+            io::ErrorKind::PermissionDenied => " (the directory must be writable by megasock's user)",
+            _ => "",
+        };
+        context(&path, io::Error::new(e.kind(), format!("cannot listen: {e}{hint}")))
+    })?;
     std::thread::Builder::new()
         .name("megasock-takeover".into())
         .spawn(move || {

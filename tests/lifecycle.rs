@@ -505,8 +505,16 @@ fn wait_for_file(path: &std::path::Path) {
 #[test]
 fn shipped_config_file_is_valid() {
     let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/megasock.toml");
-    // The test's own --listen/--metrics-listen/--workers flags win over the file's.
-    let srv = ServerProc::start(&["--config", cfg, "--workers", "1"]);
+    // The test's own --listen/--metrics-listen/--workers/--takeover flags win over the file's.
+    let sock = std::env::temp_dir().join(format!("megasock-shipped-{}.sock", std::process::id()));
+    let srv = ServerProc::start(&[
+        "--config",
+        cfg,
+        "--workers",
+        "1",
+        "--takeover",
+        sock.to_str().unwrap(),
+    ]);
     let mut c = Client::connect(srv.ws, "/ws/deploy");
     c.send_text("configured");
     assert_eq!(c.recv().payload, b"configured");

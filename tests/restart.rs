@@ -130,3 +130,81 @@ fn a_new_process_takes_over_the_listeners_and_no_connect_fails() {
         failures.len()
     );
 }
+
+/// SIGHUP with `--takeover`: the process starts its successor (same binary, same arguments),
+/// hands it the listeners and drains; connects never fail and the successor serves on.
+#[test]
+fn sighup_restarts_in_place_without_a_failed_connect() {
+    let dir = std::env::temp_dir().join(format!("megasock-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("takeover.sock");
+    let sock = sock.to_str().unwrap().to_string();
+    let mut old = ServerProc::start(&[
+        "--workers",
+        "2",
+        "--takeover",
+        &sock,
+        "--drain-timeout",
+        "3s",
+    ]);
+    let old_pid = old.child.id();
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicUsize::new(0));
+    let loopers: Vec<_> = (0..LOOPS)
+        .map(|_| {
+            let (stop, count, addr) = (stop.clone(), count.clone(), old.ws);
+            std::thread::spawn(move || connect_loop(addr, stop, count))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    old.signal(1); // SIGHUP
+    let status = old.wait_exit(15);
+    assert!(
+        status.success(),
+        "the old process drains and exits 0: {status}"
+    );
+    // The successor rewrote the ready file (same arguments) with its own pid.
+    let successor: u32 = std::fs::read_to_string(old.ready_path())
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("pid="))
+        .and_then(|p| p.parse().ok())
+        .expect("pid line");
+    assert_ne!(successor, old_pid, "a new process serves");
+    let _successor = KillOnDrop(successor);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let mut attempts = 0;
+    let mut failures = Vec::new();
+    for l in loopers {
+        let (a, f) = l.join().unwrap();
+        attempts += a;
+        failures.extend(f);
+    }
+    let mut after = Client::connect(old.ws, "/echo");
+    after.send_text("still here");
+    assert_eq!(after.recv().payload, b"still here");
+    drop(after);
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!(
+        "{attempts} connects, {} failed: {failures:?}",
+        failures.len()
+    );
+    assert!(attempts > 100, "the loops ran: {attempts}");
+    assert!(
+        failures.is_empty(),
+        "{} of {attempts} connects failed: {failures:?}",
+        failures.len()
+    );
+}
+
+/// Stops a process that is not our child (the successor) by pid, even if the test fails.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .status();
+    }
+}

@@ -117,6 +117,11 @@ impl ServerProc {
         }
     }
 
+    /// The ready file the server wrote (`pid=`, `ws=`, `metrics=`, `admin=` lines).
+    pub fn ready_path(&self) -> PathBuf {
+        self.dir.join("ready")
+    }
+
     pub fn signal(&self, sig: i32) {
         let r = unsafe_kill(self.child.id() as i32, sig);
         assert_eq!(r, 0, "kill failed");
