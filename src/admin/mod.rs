@@ -223,30 +223,38 @@ impl Admin {
         }
     }
 
+    /// Writes what is owed; answers requests held back while output was pending, for as
+    /// long as that produces output. A partial request simply waits for more bytes.
     fn write(&mut self, key: usize) {
-        let Some(c) = self.conns.get_mut(key) else {
-            return;
-        };
-        while c.written < c.output.len() {
-            match c.stream.write(&c.output[c.written..]) {
-                Ok(0) => break,
-                Ok(n) => c.written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.close(key);
-                    return;
+        loop {
+            let Some(c) = self.conns.get_mut(key) else {
+                return;
+            };
+            while c.written < c.output.len() {
+                match c.stream.write(&c.output[c.written..]) {
+                    Ok(0) => break,
+                    Ok(n) => c.written += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        self.close(key);
+                        return;
+                    }
                 }
             }
-        }
-        c.output.clear();
-        c.written = 0;
-        if c.closing {
-            self.close(key);
-        } else if !c.input.is_empty() {
-            // Requests held back while output was pending.
+            c.output.clear();
+            c.written = 0;
+            if c.closing {
+                self.close(key);
+                return;
+            }
+            if c.input.is_empty() {
+                return;
+            }
             self.answer(key);
-            self.write(key);
+            if self.conns.get(key).is_none_or(|c| c.output.is_empty()) {
+                return;
+            }
         }
     }
 

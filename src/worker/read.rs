@@ -267,11 +267,17 @@ impl Host for Dispatch<'_> {
 /// The browser demo served at `GET /` (one self-contained page).
 const DEMO_PAGE: &str = include_str!("../demo/index.html");
 
-/// Debug builds only: `MEGASOCK_TEST_FAULTS=1` makes joining the room `__worker_panic__`
-/// panic the worker, so the tests can check what a dying worker does to the process.
+/// Debug builds only: with `MEGASOCK_TEST_FAULTS=1`, joining the room `__worker_panic__`
+/// panics the worker and joining `__worker_stall__` blocks it for 4 s, so the tests can check
+/// what a dying or stuck worker does to the process and its health check.
 #[cfg(debug_assertions)]
 fn fault_injection(room: &str) {
-    if room == "__worker_panic__" && std::env::var_os("MEGASOCK_TEST_FAULTS").is_some() {
-        panic!("injected fault (MEGASOCK_TEST_FAULTS)");
+    if std::env::var_os("MEGASOCK_TEST_FAULTS").is_none() {
+        return;
+    }
+    match room {
+        "__worker_panic__" => panic!("injected fault (MEGASOCK_TEST_FAULTS)"),
+        "__worker_stall__" => std::thread::sleep(std::time::Duration::from_secs(4)),
+        _ => {}
     }
 }
