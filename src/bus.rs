@@ -200,6 +200,25 @@ impl Injector {
         Ok(())
     }
 
+    /// Sends only if the ring has room now (and nothing of ours waits for it); false if not:
+    /// for a caller that must never wait or hold (the Redis subscriber drops and counts).
+    pub fn try_send(&mut self, to: usize, d: Delivery) -> bool {
+        self.overflow[to].is_empty() && self.push(to, d).is_ok()
+    }
+
+    /// Another injector into the same rings, with its own (empty) overflow: for a second
+    /// thread that sends from outside the workers.
+    pub fn fork(&self) -> Injector {
+        Injector {
+            capacity: self.capacity,
+            outbound: self.outbound.clone(),
+            rings: self.rings.clone(),
+            wakeups: self.wakeups.clone(),
+            overflow: (0..self.outbound.len()).map(|_| VecDeque::new()).collect(),
+            overflow_bytes: 0,
+        }
+    }
+
     /// Moves what waits into rings that have room. Returns the bytes still waiting.
     pub fn retry(&mut self) -> usize {
         for to in 0..self.overflow.len() {

@@ -131,6 +131,35 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
 
+    /// Share rooms with other megasock processes through Redis pub/sub (redis://HOST:PORT[/DB]).
+    /// [default: off]
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
+
+    /// Prefix of every Redis key and channel megasock uses. [default: megasock:]
+    #[arg(long, value_name = "PREFIX")]
+    pub redis_prefix: Option<String>,
+
+    /// /readyz answers 503 while the Redis link is down (take the node out of the load
+    /// balancer rather than serve rooms that stop at this node). [default: off]
+    #[arg(long)]
+    #[serde(default)]
+    pub redis_required: bool,
+
+    /// Also append every client message to this Redis Stream (XADD), for processing workers
+    /// reading it with a consumer group. Needs --redis. [default: off]
+    #[arg(long, value_name = "KEY")]
+    pub redis_stream: Option<String>,
+
+    /// Approximate length the stream is trimmed to (XADD MAXLEN ~). [default: 1000000]
+    #[arg(long, value_name = "N")]
+    pub redis_stream_maxlen: Option<u64>,
+
+    /// Bytes queued for the Redis publisher; past it, messages are not published to Redis
+    /// (counted; local delivery is unaffected). [default: 16MiB]
+    #[arg(long, value_name = "SIZE")]
+    pub redis_queue: Option<ByteSize>,
+
     /// Restart without refusing a connect: take the listening sockets of the megasock serving
     /// this Unix socket path (it then drains and exits), and serve the path for the next
     /// restart. The first process with the path just binds --listen. [default: off]
@@ -167,6 +196,12 @@ pub struct Config {
     pub demo: bool,
     pub log_format: LogFormat,
     pub takeover: Option<PathBuf>,
+    pub redis: Option<String>,
+    pub redis_prefix: String,
+    pub redis_required: bool,
+    pub redis_stream: Option<String>,
+    pub redis_stream_maxlen: u64,
+    pub redis_queue: usize,
     pub ready_file: Option<PathBuf>,
 }
 
@@ -234,6 +269,11 @@ impl ServeArgs {
             admin_token,
             log_format,
             takeover,
+            redis,
+            redis_prefix,
+            redis_stream,
+            redis_stream_maxlen,
+            redis_queue,
             ready_file
         );
         if self.listen.is_empty() {
@@ -241,6 +281,7 @@ impl ServeArgs {
         }
         self.pin |= file.pin;
         self.no_demo |= file.no_demo;
+        self.redis_required |= file.redis_required;
         Ok(self)
     }
 
@@ -284,6 +325,12 @@ impl ServeArgs {
                 "must be between 4KiB and 1GiB (it is a size in bytes since 0.2: try 4MiB)",
             ));
         }
+        if self.redis.is_none() && (self.redis_stream.is_some() || self.redis_required) {
+            return Err(err(
+                "redis-stream",
+                "--redis-stream and --redis-required need --redis URL",
+            ));
+        }
         Ok(Config {
             listen,
             workers,
@@ -304,6 +351,12 @@ impl ServeArgs {
             demo: !self.no_demo,
             log_format: self.log_format.unwrap_or(LogFormat::Human),
             takeover: self.takeover,
+            redis_required: self.redis_required,
+            redis_prefix: self.redis_prefix.unwrap_or_else(|| "megasock:".into()),
+            redis_stream_maxlen: self.redis_stream_maxlen.unwrap_or(1_000_000),
+            redis_queue: self.redis_queue.map_or(16 << 20, |b| b.0),
+            redis_stream: self.redis_stream,
+            redis: self.redis,
             ready_file: self.ready_file,
         })
     }

@@ -8,6 +8,7 @@
 //! [`connection`] is what a worker holds per socket, [`timer_wheel`] its deadlines.
 
 pub mod admin;
+pub mod bridge;
 pub mod bus;
 pub mod codec;
 pub mod config;

@@ -60,6 +60,9 @@ impl RoomShared {
 /// Name -> room, shared by all workers.
 pub struct RoomDirectory {
     workers: usize,
+    /// Told when a room gets its first member in this process, or loses its last (the Redis
+    /// bridge subscribes to its channel meanwhile).
+    observer: std::sync::OnceLock<crossbeam_channel::Sender<crate::bridge::RoomChange>>,
     inner: Mutex<DirectoryInner>,
     /// Memberships across all rooms and workers.
     memberships: AtomicU64,
@@ -79,7 +82,13 @@ impl RoomDirectory {
                 rooms: HashMap::new(),
             }),
             memberships: AtomicU64::new(0),
+            observer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sends first/last-member events to `tx` from now on.
+    pub fn observe(&self, tx: crossbeam_channel::Sender<crate::bridge::RoomChange>) {
+        let _ = self.observer.set(tx);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, DirectoryInner> {
@@ -129,6 +138,9 @@ impl RoomDirectory {
                 members: AtomicU64::new(0),
             });
             inner.rooms.insert(name.into(), r.clone());
+            if let Some(o) = self.observer.get() {
+                let _ = o.send(crate::bridge::RoomChange::First(name.into()));
+            }
             r
         };
         room.workers[w / 64].fetch_or(1 << (w % 64), Ordering::AcqRel);
@@ -142,6 +154,9 @@ impl RoomDirectory {
         let empty = room.workers.iter().all(|x| x.load(Ordering::Acquire) == 0);
         if empty {
             inner.rooms.remove(&room.name);
+            if let Some(o) = self.observer.get() {
+                let _ = o.send(crate::bridge::RoomChange::Last(room.name.clone()));
+            }
         }
     }
 

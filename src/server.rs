@@ -62,6 +62,16 @@ impl Server {
             .map(std::os::fd::AsRawFd::as_raw_fd)
             .collect();
         let (polls, wakeups) = worker::polls(workers)?;
+        let rooms = RoomDirectory::new(workers);
+        let (changes_tx, changes_rx) = crossbeam_channel::unbounded();
+        let bridge = crate::bridge::link(&config, changes_rx);
+        if bridge.is_some() {
+            rooms.observe(changes_tx);
+        }
+        let (bridge_link, bridge_parts) = match bridge {
+            Some((l, p)) => (Some(Arc::new(l)), Some(p)),
+            None => (None, None),
+        };
         let shared = Arc::new(Shared {
             max_connections,
             reject_headroom: (limits::fd_reserve(fd.soft, workers) / 2) as usize,
@@ -70,7 +80,8 @@ impl Server {
             failure: Mutex::new(None),
             started: std::time::Instant::now(),
             metrics: Metrics::new(workers),
-            rooms: RoomDirectory::new(workers),
+            rooms,
+            bridge: bridge_link,
             wakeups,
             config,
         });
@@ -84,6 +95,9 @@ impl Server {
             log::warn!("--pin: cannot read this process's CPU set; workers are not pinned");
         }
         let (buses, injector) = worker::buses(&shared);
+        if let Some(parts) = bridge_parts {
+            crate::bridge::start(parts, shared.clone(), injector.fork())?;
+        }
         let metrics_addr = match shared.config.admin {
             Some(a) => Some(crate::admin::spawn(a, shared.clone(), injector)?),
             None => None,

@@ -79,6 +79,8 @@ pub struct Shared {
     pub failure: Mutex<Option<String>>,
     pub metrics: Metrics,
     pub rooms: RoomDirectory,
+    /// The Redis bridge's way in, with `--redis`.
+    pub bridge: Option<Arc<crate::bridge::BridgeLink>>,
     pub wakeups: Arc<[Arc<Wakeup>]>,
 }
 

@@ -131,10 +131,18 @@ impl Ctx {
 
     fn ready(&self) -> Response {
         if self.shared.shutdown.load(Relaxed) {
-            Response::text(503, "draining\n")
-        } else {
-            Response::text(200, "ready\n")
+            return Response::text(503, "draining\n");
         }
+        let redis_down = self.shared.config.redis_required
+            && self
+                .shared
+                .bridge
+                .as_ref()
+                .is_some_and(|b| !b.stats.link_up());
+        if redis_down {
+            return Response::text(503, "redis link down (--redis-required)\n");
+        }
+        Response::text(200, "ready\n")
     }
 
     /// How long ago each worker finished a loop turn.
@@ -256,13 +264,17 @@ impl Ctx {
         )
     }
 
-    /// Sends a batch to every worker with members of `room`. Returns the members.
+    /// Sends a batch to every worker with members of `room` (and through the Redis bridge to
+    /// the other nodes). Returns the members here.
     fn deliver(&mut self, room: &str, batch: &mut FrameBatch) -> u64 {
-        let Some(shared_room) = self.shared.rooms.find(room) else {
-            return 0; // nobody here: nothing to deliver
-        };
         let Some(chunk) = batch.take() else {
             return 0;
+        };
+        if let Some(bridge) = &self.shared.bridge {
+            bridge.publish(room, &chunk.bytes, chunk.messages);
+        }
+        let Some(shared_room) = self.shared.rooms.find(room) else {
+            return 0; // nobody here
         };
         let born = Instant::now();
         let injector = &mut self.injector;
@@ -325,6 +337,9 @@ impl Ctx {
         for code in [200u16, 202, 400, 401, 404, 405, 408, 411, 413, 431, 503] {
             let n = self.responses.get(&code).copied().unwrap_or(0);
             let _ = writeln!(out, "megasock_admin_requests_total{{code=\"{code}\"}} {n}");
+        }
+        if let Some(bridge) = &s.bridge {
+            bridge.render(&mut out);
         }
         crate::limits::process_metrics(&mut out);
         out

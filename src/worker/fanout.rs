@@ -56,6 +56,10 @@ impl Worker {
             return;
         };
         let shared = local.shared.clone();
+        if let Some(bridge) = &self.shared.bridge {
+            // Other nodes' members, through Redis (never waits; see bridge docs).
+            bridge.publish(&shared.name, &chunk.bytes, chunk.messages);
+        }
         let born = self.turn_start;
         if !local.members.is_empty() {
             self.births.push(born);

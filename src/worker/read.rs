@@ -210,7 +210,16 @@ impl Host for Dispatch<'_> {
         } else {
             OutKind::Binary
         };
-        match w.conns[self.key as usize].membership() {
+        let membership = w.conns[self.key as usize].membership();
+        if let Some(bridge) = w.shared.bridge.as_ref().filter(|b| b.streams()) {
+            let room: std::sync::Arc<str> = match membership {
+                Some(m) => w.rooms.get(m.room).shared.name.clone().into(),
+                None => "".into(),
+            };
+            let generation = w.conns[self.key as usize].generation;
+            bridge.append(room, format!("{}-{}-{generation}", w.id, self.key), payload);
+        }
+        match membership {
             None => w.echoes.push(out, payload),
             Some(m) => w.publish(m.room, out, payload),
         }

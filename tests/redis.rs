@@ -1,0 +1,243 @@
+//! The Redis bridge against a real `redis-server` (Debian's package; `.ci/run` installs it),
+//! started on a free loopback port and stopped by pid: rooms across two megasock nodes, exactly
+//! once and in per-sender order; bare payloads from other backends; Redis down and back
+//! without restarting megasock; the stream of client messages.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A redis-server on 127.0.0.1, stopped (by pid) when dropped.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Redis {
+    fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian's redis-server package; .ci/run installs it)");
+        let r = Redis { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while r.cmd(&["PING"]).as_deref() != Some("+PONG") {
+            assert!(Instant::now() < deadline, "redis-server did not answer");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        r
+    }
+
+    fn start() -> Redis {
+        Redis::start_on(free_port())
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends one command; returns the first line of the reply (RESP), or None if unreachable.
+    fn cmd(&self, args: &[&str]) -> Option<String> {
+        let raw = self.raw(args)?;
+        Some(raw.lines().next().unwrap_or("").to_string())
+    }
+
+    /// The whole reply, read until it stops coming.
+    fn raw(&self, args: &[&str]) -> Option<String> {
+        let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], self.port))).ok()?;
+        s.set_read_timeout(Some(Duration::from_millis(300))).ok()?;
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes()).ok()?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 65536];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(_) => break,
+            }
+        }
+        (!out.is_empty()).then(|| String::from_utf8_lossy(&out).into_owned())
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn node(redis: &str, extra: &[&str]) -> ServerProc {
+    let mut args = vec!["--workers", "2", "--redis", redis];
+    args.extend_from_slice(extra);
+    ServerProc::start(&args)
+}
+
+/// Waits until `srv` reports its Redis link up and `n` room channels subscribed.
+fn wait_subscribed(srv: &ServerProc, n: i64) {
+    srv.wait_metric("megasock_redis_link_up", 10, |v| v == 1);
+    srv.wait_metric("megasock_redis_subscriptions", 10, |v| v >= n);
+}
+
+#[test]
+fn a_room_spans_two_nodes_exactly_once_in_order() {
+    let redis = Redis::start();
+    let a = node(&redis.url(), &[]);
+    let b = node(&redis.url(), &[]);
+    let mut on_a: Vec<Client> = (0..3).map(|_| Client::connect(a.ws, "/ws/town")).collect();
+    let mut on_b: Vec<Client> = (0..3).map(|_| Client::connect(b.ws, "/ws/town")).collect();
+    wait_subscribed(&a, 1);
+    wait_subscribed(&b, 1);
+    // Two senders, one per node, 100 messages each, mixed opcodes.
+    for i in 0..100 {
+        on_a[0].send_text(&format!("a{i}"));
+        on_b[0].send_binary(format!("b{i}").as_bytes());
+    }
+    for (who, c) in on_a.iter_mut().chain(on_b.iter_mut()).enumerate() {
+        c.set_timeout(Duration::from_secs(10));
+        let (mut next_a, mut next_b) = (0, 0);
+        for _ in 0..200 {
+            let f = c.recv();
+            let text = String::from_utf8(f.payload).unwrap();
+            let (from, n) = text.split_at(1);
+            let n: usize = n.parse().unwrap();
+            match from {
+                "a" => {
+                    assert_eq!((n, f.opcode), (next_a, TEXT), "client {who}");
+                    next_a += 1;
+                }
+                _ => {
+                    assert_eq!((n, f.opcode), (next_b, BINARY), "client {who}");
+                    next_b += 1;
+                }
+            }
+        }
+        assert!(
+            c.nothing_pending() || {
+                std::thread::sleep(Duration::from_millis(200));
+                c.nothing_pending()
+            },
+            "client {who}: a duplicate"
+        );
+    }
+    assert!(a.metric("megasock_redis_published_total") >= 100);
+    assert!(b.metric("megasock_redis_received_total") >= 100);
+    assert_eq!(a.metric("megasock_redis_dropped_total"), 0);
+    // The publish API goes through the bridge too, and a bare PUBLISH from any backend is a
+    // text message.
+    let resp = http_exchange(
+        b.metrics,
+        b"POST /publish/town HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\nConnection: close\r\nContent-Length: 3\r\n\r\napi",
+    );
+    assert!(resp.starts_with("HTTP/1.1 202"), "{resp}");
+    redis.cmd(&["PUBLISH", "megasock:room:town", "bare"]);
+    for c in on_a.iter_mut().chain(on_b.iter_mut()) {
+        assert_eq!(c.recv().payload, b"api");
+        let f = c.recv();
+        assert_eq!((f.opcode, f.payload), (TEXT, b"bare".to_vec()));
+    }
+}
+
+#[test]
+fn redis_down_keeps_local_delivery_and_recovers_without_a_restart() {
+    let port = free_port();
+    let redis = Redis::start_on(port);
+    let a = node(&redis.url(), &["--redis-required"]);
+    let b = node(&redis.url(), &[]);
+    let mut a1 = Client::connect(a.ws, "/ws/ops");
+    let mut a2 = Client::connect(a.ws, "/ws/ops");
+    let mut b1 = Client::connect(b.ws, "/ws/ops");
+    wait_subscribed(&a, 1);
+    wait_subscribed(&b, 1);
+    drop(redis); // killed
+    a.wait_metric("megasock_redis_link_up", 10, |v| v == 0);
+    let ready = http_exchange(
+        a.metrics,
+        b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        ready.starts_with("HTTP/1.1 503"),
+        "--redis-required: {ready}"
+    );
+    // Members on one node still reach each other.
+    a1.send_text("local");
+    assert_eq!(a1.recv().payload, b"local");
+    assert_eq!(a2.recv().payload, b"local");
+    // Redis comes back on the same port: the nodes reconnect and resubscribe by themselves.
+    let _redis = Redis::start_on(port);
+    wait_subscribed(&a, 1);
+    wait_subscribed(&b, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    b1.set_timeout(Duration::from_millis(500));
+    let mut crossed = false;
+    while !crossed && Instant::now() < deadline {
+        a1.send_text("again");
+        while let Some(f) = b1.try_recv() {
+            crossed |= f.payload == b"again";
+        }
+    }
+    assert!(crossed, "cross-node delivery resumed");
+    let ready = http_exchange(
+        a.metrics,
+        b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    assert!(
+        a.metric("megasock_redis_dropped_total{reason=\"redis_down\"}") >= 1
+            || a.metric("megasock_redis_published_total") >= 1
+    );
+}
+
+#[test]
+fn every_client_message_lands_in_the_stream_once() {
+    let redis = Redis::start();
+    let a = node(&redis.url(), &["--redis-stream", "megasock:in"]);
+    let mut room = Client::connect(a.ws, "/ws/jobs");
+    let mut echo = Client::connect(a.ws, "/echo");
+    for i in 0..50 {
+        room.send_text(&format!("job-{i}"));
+        echo.send_text(&format!("echo-{i}"));
+    }
+    for i in 0..50 {
+        assert_eq!(room.recv().payload, format!("job-{i}").as_bytes());
+        assert_eq!(echo.recv().payload, format!("echo-{i}").as_bytes());
+    }
+    a.wait_metric("megasock_redis_stream_appended_total", 10, |v| v == 100);
+    assert_eq!(redis.cmd(&["XLEN", "megasock:in"]).as_deref(), Some(":100"));
+    let all = redis.raw(&["XRANGE", "megasock:in", "-", "+"]).unwrap();
+    for i in 0..50 {
+        assert_eq!(
+            all.matches(&format!("\r\njob-{i}\r\n")).count(),
+            1,
+            "job-{i}"
+        );
+        assert_eq!(
+            all.matches(&format!("\r\necho-{i}\r\n")).count(),
+            1,
+            "echo-{i}"
+        );
+    }
+    assert!(
+        all.contains("\r\njobs\r\n")
+            && all.contains("\r\nroom\r\n")
+            && all.contains("\r\nnode\r\n")
+    );
+}
