@@ -146,6 +146,12 @@ pub struct ServeArgs {
     #[serde(default)]
     pub redis_required: bool,
 
+    /// --redis names a node of a Redis Cluster: use sharded pub/sub (SSUBSCRIBE/SPUBLISH), so
+    /// a room's traffic touches only the shard that owns its channel. [default: off]
+    #[arg(long)]
+    #[serde(default)]
+    pub redis_sharded: bool,
+
     /// Also append every client message to this Redis Stream (XADD), for processing workers
     /// reading it with a consumer group. Needs --redis. [default: off]
     #[arg(long, value_name = "KEY")]
@@ -199,6 +205,7 @@ pub struct Config {
     pub redis: Option<String>,
     pub redis_prefix: String,
     pub redis_required: bool,
+    pub redis_sharded: bool,
     pub redis_stream: Option<String>,
     pub redis_stream_maxlen: u64,
     pub redis_queue: usize,
@@ -282,6 +289,7 @@ impl ServeArgs {
         self.pin |= file.pin;
         self.no_demo |= file.no_demo;
         self.redis_required |= file.redis_required;
+        self.redis_sharded |= file.redis_sharded;
         Ok(self)
     }
 
@@ -352,6 +360,7 @@ impl ServeArgs {
             log_format: self.log_format.unwrap_or(LogFormat::Human),
             takeover: self.takeover,
             redis_required: self.redis_required,
+            redis_sharded: self.redis_sharded,
             redis_prefix: self.redis_prefix.unwrap_or_else(|| "megasock:".into()),
             redis_stream_maxlen: self.redis_stream_maxlen.unwrap_or(1_000_000),
             redis_queue: self.redis_queue.map_or(16 << 20, |b| b.0),

@@ -88,7 +88,12 @@ impl Drop for Redis {
 fn node(redis: &str, extra: &[&str]) -> ServerProc {
     let mut args = vec!["--workers", "2", "--redis", redis];
     args.extend_from_slice(extra);
-    ServerProc::start(&args)
+    ServerProc::start_with(&args, |c| {
+        c.env(
+            "RUST_LOG",
+            std::env::var("MEGASOCK_TEST_LOG").unwrap_or_else(|_| "error".into()),
+        );
+    })
 }
 
 /// Waits until `srv` reports its Redis link up and `n` room channels subscribed.

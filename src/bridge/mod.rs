@@ -20,6 +20,8 @@
 
 mod envelope;
 mod publisher;
+pub mod resp;
+pub mod shards;
 mod subscriber;
 
 pub use envelope::{unwrap, wrap, NodeId, Received};
@@ -331,18 +333,13 @@ impl BridgeLink {
 pub fn start(parts: BridgeParts, shared: Arc<Shared>, injector: Injector) -> std::io::Result<()> {
     let link = shared.bridge.as_ref().expect("bridge configured").clone();
     let url = shared.config.redis.clone().expect("--redis set");
-    let client = redis::Client::open(url.as_str()).map_err(|e| {
+    // Checked here so a bad URL stops the start with a clear message.
+    redis::Client::open(url.as_str()).map_err(|e| {
         std::io::Error::other(format!(
             "--redis {url}: {e} (expected redis://HOST:PORT[/DB])"
         ))
     })?;
-    publisher::spawn(
-        client.clone(),
-        parts.rx,
-        parts.queued,
-        link.clone(),
-        shared.clone(),
-    )?;
-    subscriber::spawn(client, parts.changes, link, shared, injector)?;
+    publisher::spawn(parts.rx, parts.queued, link.clone(), shared.clone())?;
+    subscriber::spawn(parts.changes, link, shared, injector)?;
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! The publisher thread: one connection, commands pipelined per batch of what the workers
+//! The publisher thread: one connection (with `--redis-sharded`, one per cluster master, each
+//! command sent to the master owning its channel), commands pipelined per batch of what the workers
 //! queued (up to 512 at a time), reconnecting with back-off. While Redis is down, what arrives
 //! is counted as dropped and discarded, so the queue never grows past its bound.
 
@@ -8,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
+use super::shards::{self, Topology};
 use super::{BridgeLink, Dropped, Outgoing};
 use crate::worker::Shared;
 
 const BATCH: usize = 512;
 
 pub(super) fn spawn(
-    client: redis::Client,
     rx: Receiver<Outgoing>,
     queued: Arc<AtomicUsize>,
     link: Arc<BridgeLink>,
@@ -22,31 +23,44 @@ pub(super) fn spawn(
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("megasock-redis-pub".into())
-        .spawn(move || run(client, rx, queued, link, shared))?;
+        .spawn(move || run(rx, queued, link, shared))?;
     Ok(())
 }
 
+/// Connections to every server of the topology.
+fn connect(seed: &str, sharded: bool) -> redis::RedisResult<(Topology, Vec<redis::Connection>)> {
+    let topology = shards::discover(seed, sharded)?;
+    let mut cons = Vec::new();
+    for url in topology.servers() {
+        let c = redis::Client::open(url.as_str())?
+            .get_connection_with_timeout(Duration::from_secs(2))?;
+        c.set_write_timeout(Some(Duration::from_secs(5)))?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        cons.push(c);
+    }
+    Ok((topology, cons))
+}
+
 fn run(
-    client: redis::Client,
     rx: Receiver<Outgoing>,
     queued: Arc<AtomicUsize>,
     link: Arc<BridgeLink>,
     shared: Arc<Shared>,
 ) {
+    let seed = shared.config.redis.clone().unwrap_or_default();
+    let sharded = shared.config.redis_sharded;
     let stream_key = shared.config.redis_stream.clone();
     let maxlen = shared.config.redis_stream_maxlen;
     let node_hex: String = link.node().iter().map(|b| format!("{b:02x}")).collect();
-    let mut con: Option<redis::Connection> = None;
+    let mut up: Option<(Topology, Vec<redis::Connection>)> = None;
     let mut backoff = Duration::from_millis(100);
     let mut retry_at = Instant::now();
     let mut batch: Vec<Outgoing> = Vec::with_capacity(BATCH);
     loop {
-        if con.is_none() && Instant::now() >= retry_at {
-            match client.get_connection_with_timeout(Duration::from_secs(2)) {
-                Ok(c) => {
-                    let _ = c.set_write_timeout(Some(Duration::from_secs(5)));
-                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-                    con = Some(c);
+        if up.is_none() && Instant::now() >= retry_at {
+            match connect(&seed, sharded) {
+                Ok(t) => {
+                    up = Some(t);
                     backoff = Duration::from_millis(100);
                     if !link.stats.publisher_up.swap(true, Relaxed) {
                         log::info!("redis publisher connected");
@@ -79,19 +93,25 @@ fn run(
             Outgoing::Publish { messages, .. } => (m + *messages as u64, a),
             Outgoing::Stream { .. } => (m, a + 1),
         });
-        let Some(c) = con.as_mut() else {
+        let Some((topology, cons)) = up.as_mut() else {
             link.stats
                 .count_drop(Dropped::RedisDown, messages + appended);
             batch.clear();
             continue;
         };
-        let mut pipe = redis::pipe();
+        // One pipeline per server, each command on the server that owns its channel or key.
+        let (publish, _, _) = topology.verbs();
+        let mut pipes: Vec<redis::Pipeline> = (0..cons.len()).map(|_| redis::pipe()).collect();
         for o in batch.drain(..) {
             match o {
                 Outgoing::Publish {
                     channel, payload, ..
                 } => {
-                    pipe.cmd("PUBLISH").arg(channel).arg(&payload[..]).ignore();
+                    pipes[topology.owner(&channel)]
+                        .cmd(publish)
+                        .arg(&channel)
+                        .arg(&payload[..])
+                        .ignore();
                 }
                 Outgoing::Stream {
                     room,
@@ -100,7 +120,8 @@ fn run(
                     data,
                 } => {
                     if let Some(key) = &stream_key {
-                        pipe.cmd("XADD")
+                        pipes[topology.owner(key)]
+                            .cmd("XADD")
                             .arg(key)
                             .arg("MAXLEN")
                             .arg("~")
@@ -121,16 +142,24 @@ fn run(
                 }
             }
         }
-        match pipe.query::<()>(c) {
-            Ok(()) => {
+        let mut failed = None;
+        for (pipe, con) in pipes.iter().zip(cons.iter_mut()) {
+            if let Err(e) = pipe.query::<()>(con) {
+                failed = Some(e);
+                break;
+            }
+        }
+        match failed {
+            None => {
                 link.stats.published.fetch_add(messages, Relaxed);
                 link.stats.stream_appended.fetch_add(appended, Relaxed);
             }
-            Err(e) => {
+            Some(e) => {
                 // At-most-once: some of the batch may have gone through; all is counted lost.
+                // A moved slot or a lost server: reconnect and read the topology again.
                 link.stats
                     .count_drop(Dropped::RedisDown, messages + appended);
-                con = None;
+                up = None;
                 if link.stats.publisher_up.swap(false, Relaxed) {
                     log::warn!("redis publisher lost its connection: {e}; retrying");
                 }

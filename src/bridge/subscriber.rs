@@ -1,5 +1,6 @@
 //! The subscriber thread: one connection in pub/sub mode holding one `SUBSCRIBE` per room with
-//! members in this process. Between short reads it applies the room directory's changes
+//! members in this process (with `--redis-sharded`, one connection per cluster master, each
+//! holding `SSUBSCRIBE` for the rooms whose slot it owns). Between short reads it applies the room directory's changes
 //! (subscribe at once, unsubscribe after a delay against churn), probes a silent link, and on
 //! any error reconnects with back-off and resubscribes every live room.
 
@@ -10,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
+use super::resp::{self, SubConn};
+use super::shards::{self, Topology};
 use super::{envelope, BridgeLink, Dropped, RoomChange};
 use crate::bus::{Delivery, Injector};
 use crate::worker::Shared;
@@ -18,11 +21,11 @@ use crate::worker::Shared;
 const UNSUBSCRIBE_AFTER: Duration = Duration::from_secs(2);
 /// A link that brought nothing for this long is probed with a PING.
 const PROBE_AFTER: Duration = Duration::from_secs(30);
+const PROBE_GRACE: Duration = Duration::from_secs(5);
 /// Channels per SUBSCRIBE / UNSUBSCRIBE command.
 const PER_COMMAND: usize = 512;
 
 pub(super) fn spawn(
-    client: redis::Client,
     changes: Receiver<RoomChange>,
     link: Arc<BridgeLink>,
     shared: Arc<Shared>,
@@ -31,6 +34,10 @@ pub(super) fn spawn(
     std::thread::Builder::new()
         .name("megasock-redis-sub".into())
         .spawn(move || {
+            let (seed, sharded) = (
+                shared.config.redis.clone().unwrap_or_default(),
+                shared.config.redis_sharded,
+            );
             Subscriber {
                 link,
                 shared,
@@ -39,7 +46,7 @@ pub(super) fn spawn(
                 wanted: HashSet::new(),
                 leaving: HashMap::new(),
             }
-            .run(client)
+            .run(seed, sharded)
         })?;
     Ok(())
 }
@@ -56,39 +63,62 @@ struct Subscriber {
 }
 
 impl Subscriber {
-    fn run(mut self, client: redis::Client) {
+    fn run(mut self, seed: String, sharded: bool) {
         let mut backoff = Duration::from_millis(100);
         loop {
             self.take_changes();
-            let mut con = match client.get_connection_with_timeout(Duration::from_secs(2)) {
-                Ok(c) => c,
-                Err(e) => {
-                    if self.link.stats.subscriber_up.swap(false, Relaxed) {
-                        log::warn!("redis subscriber lost its connection: {e}; retrying");
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
+            let err = match self.connect(&seed, sharded) {
+                Ok((topology, mut cons)) => {
+                    backoff = Duration::from_millis(100);
+                    self.serve(&topology, &mut cons).err()
                 }
+                Err(e) => Some(e),
             };
-            backoff = Duration::from_millis(100);
-            if let Err(e) = self.serve(&mut con) {
+            if let Some(e) = err {
                 if self.link.stats.subscriber_up.swap(false, Relaxed) {
                     log::warn!("redis subscriber lost its connection: {e}; reconnecting");
                 }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
 
-    /// One connection's life: subscribe every wanted room, then read until an error.
-    fn serve(&mut self, con: &mut redis::Connection) -> redis::RedisResult<()> {
-        con.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let mut ps = con.as_pubsub();
+    /// The topology (one server, or the cluster's masters) and a connection to each server.
+    fn connect(&self, seed: &str, sharded: bool) -> std::io::Result<(Topology, Vec<SubConn>)> {
+        let topology = shards::discover(seed, sharded).map_err(std::io::Error::other)?;
+        let servers = topology.servers();
+        // Short reads, spread over the servers, so changes are applied promptly.
+        let wait = Duration::from_millis((50 / servers.len() as u64).max(5));
+        let cons = servers
+            .iter()
+            .map(|url| SubConn::connect(url, wait))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok((topology, cons))
+    }
+
+    /// Subscribes (or unsubscribes) `channels`, each on the server that owns it.
+    fn command(
+        topology: &Topology,
+        cons: &mut [SubConn],
+        verb: &str,
+        channels: &[String],
+    ) -> std::io::Result<()> {
+        for (i, con) in cons.iter_mut().enumerate() {
+            let mine: Vec<&String> = channels.iter().filter(|c| topology.owner(c) == i).collect();
+            for chunk in mine.chunks(PER_COMMAND) {
+                con.send(&redis::cmd(verb).arg(chunk).get_packed_command())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One connection set's life: subscribe every wanted room, then read until an error.
+    fn serve(&mut self, topology: &Topology, cons: &mut [SubConn]) -> std::io::Result<()> {
+        let (_, subscribe, unsubscribe) = topology.verbs();
         let started = Instant::now();
         let all: Vec<String> = self.wanted.iter().map(|r| self.link.channel(r)).collect();
-        for chunk in all.chunks(PER_COMMAND) {
-            ps.subscribe(chunk)?;
-        }
+        Self::command(topology, cons, subscribe, &all)?;
         self.link
             .stats
             .resubscribe_us
@@ -99,38 +129,50 @@ impl Subscriber {
             .store(all.len() as u64, Relaxed);
         if !self.link.stats.subscriber_up.swap(true, Relaxed) {
             log::info!(
-                "redis subscriber connected; {} room channels subscribed",
+                "redis subscriber connected to {} server(s); {} room channels subscribed",
+                cons.len(),
                 all.len()
             );
         }
         let mut heard = Instant::now();
+        let mut probed = false;
         loop {
-            match ps.get_message() {
-                Ok(msg) => {
+            for con in cons.iter_mut() {
+                // Everything already buffered on this connection, then the next one.
+                while let Some(v) = con.next()? {
                     heard = Instant::now();
-                    self.deliver(msg.get_channel_name(), msg.get_payload_bytes());
+                    if let Some((channel, payload)) = resp::message(&v) {
+                        self.deliver(&String::from_utf8_lossy(channel), payload);
+                    }
                 }
-                Err(e) if e.is_timeout() => {}
-                Err(e) => return Err(e),
             }
             let (join, leave) = self.take_changes();
             if !join.is_empty() {
-                for chunk in join.chunks(PER_COMMAND) {
-                    ps.subscribe(chunk)?;
-                }
+                Self::command(topology, cons, subscribe, &join)?;
             }
             if !leave.is_empty() {
-                for chunk in leave.chunks(PER_COMMAND) {
-                    ps.unsubscribe(chunk)?;
-                }
+                Self::command(topology, cons, unsubscribe, &leave)?;
             }
             self.link
                 .stats
                 .subscriptions
                 .store(self.wanted.len() as u64, Relaxed);
-            if heard.elapsed() > PROBE_AFTER {
-                let _: String = ps.ping()?;
-                heard = Instant::now();
+            // A link silent for PROBE_AFTER gets a PING (answered in-band on a subscribed
+            // connection); still silent PROBE_GRACE later, it is restarted.
+            let silent = heard.elapsed();
+            if silent > PROBE_AFTER + PROBE_GRACE {
+                return Err(std::io::Error::other(format!(
+                    "no answer to a PING in {PROBE_GRACE:?} after {PROBE_AFTER:?} of silence"
+                )));
+            }
+            if silent > PROBE_AFTER && !probed {
+                for con in cons.iter_mut() {
+                    con.send(&redis::cmd("PING").get_packed_command())?;
+                }
+                probed = true;
+            }
+            if silent < PROBE_AFTER {
+                probed = false;
             }
         }
     }
