@@ -120,7 +120,7 @@ impl SubConn {
             c.send(&cmd.get_packed_command())?;
             let deadline = std::time::Instant::now() + Duration::from_secs(2);
             loop {
-                match c.next()? {
+                match c.read_value()? {
                     Some(Resp::Error(e)) => {
                         return Err(io::Error::other(format!(
                             "AUTH: {}",
@@ -143,7 +143,7 @@ impl SubConn {
     }
 
     /// The next value, or None if none arrived within the read timeout.
-    pub fn next(&mut self) -> io::Result<Option<Resp>> {
+    pub fn read_value(&mut self) -> io::Result<Option<Resp>> {
         loop {
             if let Some((v, used)) = parse(&self.buf)? {
                 self.buf.drain(..used);

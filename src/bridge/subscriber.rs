@@ -139,7 +139,7 @@ impl Subscriber {
         loop {
             for con in cons.iter_mut() {
                 // Everything already buffered on this connection, then the next one.
-                while let Some(v) = con.next()? {
+                while let Some(v) = con.read_value()? {
                     heard = Instant::now();
                     if let Some((channel, payload)) = resp::message(&v) {
                         self.deliver(&String::from_utf8_lossy(channel), payload);
