@@ -154,10 +154,12 @@ fn a_room_spans_two_nodes_exactly_once_in_order() {
     );
     assert!(resp.starts_with("HTTP/1.1 202"), "{resp}");
     redis.cmd(&["PUBLISH", "megasock:room:town", "bare"]);
+    // Two publishers (node b's bridge, redis-cli): no order between them, each exactly once.
     for c in on_a.iter_mut().chain(on_b.iter_mut()) {
-        assert_eq!(c.recv().payload, b"api");
-        let f = c.recv();
-        assert_eq!((f.opcode, f.payload), (TEXT, b"bare".to_vec()));
+        let mut got = vec![c.recv(), c.recv()];
+        got.sort_by(|x, y| x.payload.cmp(&y.payload));
+        assert_eq!((got[0].opcode, &got[0].payload[..]), (TEXT, &b"api"[..]));
+        assert_eq!((got[1].opcode, &got[1].payload[..]), (TEXT, &b"bare"[..]));
     }
 }
 
@@ -244,5 +246,133 @@ fn every_client_message_lands_in_the_stream_once() {
         all.contains("\r\njobs\r\n")
             && all.contains("\r\nroom\r\n")
             && all.contains("\r\nnode\r\n")
+    );
+}
+
+/// A local Redis Cluster of three masters (`redis-server --cluster-enabled` and
+/// `redis-cli --cluster create`), each stopped by pid.
+struct RedisCluster {
+    nodes: Vec<Redis>,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl RedisCluster {
+    fn start() -> RedisCluster {
+        let dir = std::env::temp_dir().join(format!("megasock-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            let port = free_port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .arg("--cluster-config-file")
+                .arg(dir.join(format!("nodes-{i}.conf")))
+                .arg("--dir")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server");
+            let r = Redis { child, port };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while r.cmd(&["PING"]).as_deref() != Some("+PONG") {
+                assert!(Instant::now() < deadline, "cluster node did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            nodes.push(r);
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !nodes.iter().all(|n| {
+            n.raw(&["CLUSTER", "INFO"])
+                .is_some_and(|i| i.contains("cluster_state:ok"))
+        }) {
+            assert!(Instant::now() < deadline, "cluster never became ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        RedisCluster {
+            nodes,
+            _dir: TempDir(dir),
+        }
+    }
+}
+
+/// `--redis-sharded`: rooms across two megasock nodes through a 3-master Redis Cluster, each
+/// room's channel subscribed and published only on the master that owns its slot.
+#[test]
+fn sharded_pubsub_keeps_each_room_on_its_shard() {
+    let cluster = RedisCluster::start();
+    let seed = cluster.nodes[0].url();
+    let a = node(&seed, &["--redis-sharded"]);
+    let b = node(&seed, &["--redis-sharded"]);
+    let rooms = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"];
+    let mut clients = Vec::new();
+    for r in rooms {
+        let path = format!("/ws/{r}");
+        clients.push((
+            r,
+            Client::connect(a.ws, &path),
+            Client::connect(b.ws, &path),
+        ));
+    }
+    wait_subscribed(&a, rooms.len() as i64);
+    wait_subscribed(&b, rooms.len() as i64);
+    for (r, on_a, _) in clients.iter_mut() {
+        on_a.send_text(&format!("to {r}"));
+    }
+    for (r, on_a, on_b) in clients.iter_mut() {
+        assert_eq!(on_a.recv().payload, format!("to {r}").as_bytes());
+        on_b.set_timeout(Duration::from_secs(10));
+        assert_eq!(
+            on_b.recv().payload,
+            format!("to {r}").as_bytes(),
+            "room {r} across nodes"
+        );
+    }
+    // Every room channel is held by exactly one master: the owner of its slot.
+    let mut per_master = Vec::new();
+    for n in &cluster.nodes {
+        let listed = n.raw(&["PUBSUB", "SHARDCHANNELS"]).unwrap_or_default();
+        per_master.push(listed);
+    }
+    let mut masters_used = std::collections::HashSet::new();
+    for r in rooms {
+        let channel = format!("megasock:room:{r}");
+        let holders: Vec<usize> = per_master
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.contains(&format!("\r\n{channel}\r\n")))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(holders.len(), 1, "{channel} held by {holders:?}");
+        masters_used.insert(holders[0]);
+    }
+    assert!(
+        masters_used.len() >= 2,
+        "the rooms spread over the shards: {masters_used:?}"
     );
 }

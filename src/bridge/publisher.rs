@@ -144,6 +144,9 @@ fn run(
         }
         let mut failed = None;
         for (pipe, con) in pipes.iter().zip(cons.iter_mut()) {
+            if pipe.is_empty() {
+                continue;
+            }
             if let Err(e) = pipe.query::<()>(con) {
                 failed = Some(e);
                 break;

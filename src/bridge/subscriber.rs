@@ -105,9 +105,18 @@ impl Subscriber {
         channels: &[String],
     ) -> std::io::Result<()> {
         for (i, con) in cons.iter_mut().enumerate() {
-            let mine: Vec<&String> = channels.iter().filter(|c| topology.owner(c) == i).collect();
-            for chunk in mine.chunks(PER_COMMAND) {
-                con.send(&redis::cmd(verb).arg(chunk).get_packed_command())?;
+            let mut mine: Vec<&String> =
+                channels.iter().filter(|c| topology.owner(c) == i).collect();
+            // SSUBSCRIBE takes channels of one slot per command; plain SUBSCRIBE any.
+            let slot = |c: &&String| match topology {
+                Topology::Cluster(_) => shards::slot(c.as_bytes()),
+                Topology::Single(_) => 0,
+            };
+            mine.sort_by_key(slot);
+            for group in mine.chunk_by(|a, b| slot(a) == slot(b)) {
+                for chunk in group.chunks(PER_COMMAND) {
+                    con.send(&redis::cmd(verb).arg(chunk).get_packed_command())?;
+                }
             }
         }
         Ok(())
