@@ -156,7 +156,7 @@ fn a_room_spans_two_nodes_exactly_once_in_order() {
     redis.cmd(&["PUBLISH", "megasock:room:town", "bare"]);
     // Two publishers (node b's bridge, redis-cli): no order between them, each exactly once.
     for c in on_a.iter_mut().chain(on_b.iter_mut()) {
-        let mut got = vec![c.recv(), c.recv()];
+        let mut got = [c.recv(), c.recv()];
         got.sort_by(|x, y| x.payload.cmp(&y.payload));
         assert_eq!((got[0].opcode, &got[0].payload[..]), (TEXT, &b"api"[..]));
         assert_eq!((got[1].opcode, &got[1].payload[..]), (TEXT, &b"bare"[..]));
