@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit and integration tests (against
-# the real binaries over loopback), the session property test at a million cases, the tuning
-# kit's tests, and the Autobahn conformance run.
+# the real binaries over loopback), the cluster test (two nodes behind HAProxy), the session
+# property test at a million cases, the tuning kit's tests, and the Autobahn conformance run.
 #
 #   scripts/test.sh            everything
 #   SKIP_AUTOBAHN=1 scripts/test.sh   everything but the conformance run (quicker while iterating)
@@ -21,6 +21,9 @@ cargo build --workspace --bins
 
 step "cargo test"
 cargo test --workspace
+
+step "cluster end-to-end (haproxy, redis)"
+scripts/cluster-test.sh
 
 step "session property test: 1,000,000 random frame sequences and splits (release)"
 MEGASOCK_PROPERTY_CASES=1000000 cargo test --release --lib random_frames_and_splits -- --nocapture
