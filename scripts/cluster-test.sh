@@ -253,10 +253,61 @@ haproxy_part() {
 }
 
 # --- redis part (issue 9) ----------------------------------------------------------------
-# The Redis bridge checks go here: a redis-server on a free loopback port, nodes started with
-# `start_node NAME --redis ...`, members of one room on different nodes hearing each other
-# through HAProxy. Call them from main after haproxy_part (which leaves ms2 and haproxy running;
-# cleanup stops whatever is in PIDS).
+
+start_redis() {
+  REDIS_PORT=${REDIS_PORT:-$(free_port)}
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+    </dev/null >"$TMP/redis.log" 2>&1 &
+  REDIS_PID=$!
+  PIDS+=("$!")
+  local deadline=$((SECONDS + 10))
+  until redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; do
+    [ "$SECONDS" -lt "$deadline" ] || fail "redis-server did not start"
+    sleep 0.05
+  done
+  log "redis: pid $REDIS_PID, port $REDIS_PORT"
+}
+
+# wait_link NODE 0|1: until the node's megasock_redis_link_up is that.
+wait_link() {
+  local deadline=$((SECONDS + 15)) v
+  while :; do
+    v=$(client get --addr "${ADMIN[$1]}" --path /metrics | awk '$1 == "megasock_redis_link_up" { print $2 }')
+    [ "$v" = "$2" ] && return 0
+    [ "$SECONDS" -lt "$deadline" ] || fail "$1: megasock_redis_link_up stays ${v:-?}, expected $2"
+    sleep 0.1
+  done
+}
+
+redis_part() {
+  # The HAProxy part's balancer and node go; two Redis-bridged nodes take their place.
+  kill -TERM "$HAPROXY_PID" 2>/dev/null || true
+  wait_exit "$HAPROXY_PID" 5 || true
+  start_redis
+  start_node r1 --redis "redis://127.0.0.1:$REDIS_PORT"
+  start_node r2 --redis "redis://127.0.0.1:$REDIS_PORT"
+  start_haproxy r1 r2
+  wait_status UP 10 r1 r2
+  wait_link r1 1
+  wait_link r2 1
+  # 1. One room, members on both nodes through HAProxy: exactly once, in per-sender order.
+  client room --addr "127.0.0.1:$FRONT" --room town --members 8 --senders 3 --msgs 100 \
+    --admin "${ADMIN[r1]}" --admin "${ADMIN[r2]}" || fail "room across nodes"
+  # 2. Redis gone: members on one node still reach each other.
+  kill -KILL "$REDIS_PID"
+  wait "$REDIS_PID" 2>/dev/null || true
+  forget "$REDIS_PID"
+  wait_link r1 0
+  client room --addr "${WS[r1]}" --room local --members 3 --senders 1 --msgs 20 ||
+    fail "members of one node while Redis is down"
+  # 3. Redis back on its port: cross-node delivery resumes without restarting megasock.
+  start_redis
+  wait_link r1 1
+  wait_link r2 1
+  client room --addr "127.0.0.1:$FRONT" --room town2 --members 8 --senders 2 --msgs 50 \
+    --admin "${ADMIN[r1]}" --admin "${ADMIN[r2]}" || fail "room across nodes after Redis came back"
+  REDIS_SUMMARY="room across 2 nodes through haproxy and redis, redis killed and restarted: ok"
+}
 
 main() {
   [ -x "$BIN" ] || fail "no megasock binary at $BIN (cargo build, or set MEGASOCK_BIN)"
@@ -265,8 +316,11 @@ main() {
   haproxy -c -q -f "$DEPLOY_CFG" || fail "haproxy -c rejects $DEPLOY_CFG"
   local start=$SECONDS
   haproxy_part
+  command -v redis-server >/dev/null || fail "redis-server is not installed (apt-get install redis-server)"
+  redis_part
   log "done in $((SECONDS - start)) s"
   log "haproxy part: $HAPROXY_SUMMARY"
+  log "redis part: $REDIS_SUMMARY"
 }
 
 main "$@"

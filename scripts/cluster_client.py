@@ -432,6 +432,55 @@ def cmd_haproxy_stat(args):
         print(f"{name} {row['status']} {row['check_status']} {row['check_code']}")
 
 
+# --- room: one room across nodes (the Redis bridge) ----------------------------------------
+
+
+def cmd_room(args):
+    """Members of one room (through the balancer, or straight to a node) each receive every
+    message of every sender exactly once, in per-sender order."""
+    path = f"/ws/{args.room}"
+    members = [Ws(args.addr, path) for _ in range(args.members)]
+    errors = []
+    deadline = time.time() + 10
+    for a in args.admin:
+        # Every node must hold members (else Redis is not needed), and have subscribed.
+        if metric_sum(a, "megasock_connections") < 1:
+            errors.append(f"node {a} holds none of the room's members")
+        while metric_sum(a, "megasock_redis_subscriptions") < 1 and time.time() < deadline:
+            time.sleep(0.05)
+    if errors:
+        fail(errors)
+    senders = members[: args.senders]
+    for m in range(args.msgs):
+        for si, s in enumerate(senders):
+            s.send(TEXT, f"s{si}:{m}".encode())
+    want = args.senders * args.msgs
+    for i, c in enumerate(members):
+        c.sock.settimeout(10.0)
+        nxt = [0] * args.senders
+        try:
+            for _ in range(want):
+                op, payload = c.recv_message()
+                si, m = (int(x) for x in payload.decode()[1:].split(":"))
+                if op != TEXT or m != nxt[si]:
+                    errors.append(f"member {i}: sender {si} message {m}, expected {nxt[si]}")
+                    break
+                nxt[si] += 1
+            c.sock.settimeout(0.3)
+            try:
+                op, payload = c.recv_message()
+                errors.append(f"member {i}: an extra message {payload[:40]!r} (a duplicate)")
+            except socket.timeout:
+                pass
+        except (OSError, WsError, ValueError) as e:
+            errors.append(f"member {i}: got {sum(nxt)} of {want}: {type(e).__name__}: {e}")
+    for c in members:
+        c.close()
+    if errors:
+        fail(errors)
+    print(f"room {args.room}: {len(members)} members each got {want} messages, once, in order")
+
+
 def main():
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -454,6 +503,13 @@ def main():
     g = sub.add_parser("get")
     g.add_argument("--addr", required=True)
     g.add_argument("--path", required=True)
+    r = sub.add_parser("room")
+    r.add_argument("--addr", required=True)
+    r.add_argument("--room", required=True)
+    r.add_argument("--members", type=int, default=8)
+    r.add_argument("--senders", type=int, default=2)
+    r.add_argument("--msgs", type=int, default=50)
+    r.add_argument("--admin", action="append", default=[], help="nodes that must hold members")
     h = sub.add_parser("haproxy-stat")
     h.add_argument("--socket", required=True)
     args = p.parse_args()
@@ -463,6 +519,7 @@ def main():
             "drain": cmd_drain,
             "get": cmd_get,
             "haproxy-stat": cmd_haproxy_stat,
+            "room": cmd_room,
         }
         commands[args.cmd](args)
     except (OSError, WsError) as e:

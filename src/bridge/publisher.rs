@@ -14,6 +14,8 @@ use super::{BridgeLink, Dropped, Outgoing};
 use crate::worker::Shared;
 
 const BATCH: usize = 512;
+/// An idle publisher checks its link this often.
+const PROBE_IDLE: Duration = Duration::from_secs(1);
 
 pub(super) fn spawn(
     rx: Receiver<Outgoing>,
@@ -56,6 +58,7 @@ fn run(
     let mut backoff = Duration::from_millis(100);
     let mut retry_at = Instant::now();
     let mut batch: Vec<Outgoing> = Vec::with_capacity(BATCH);
+    let mut last_ok = Instant::now();
     loop {
         if up.is_none() && Instant::now() >= retry_at {
             match connect(&seed, sharded) {
@@ -77,7 +80,28 @@ fn run(
         }
         let first = match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(o) => o,
-            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Timeout) => {
+                // Idle: make sure the link still works, so a dead one is found (and replaced)
+                // before the next message needs it, not by losing that message.
+                if up.is_some() && last_ok.elapsed() > PROBE_IDLE {
+                    let alive = up.as_mut().is_some_and(|(_, cons)| {
+                        cons.iter_mut()
+                            .all(|c| redis::cmd("PING").query::<String>(c).is_ok())
+                    });
+                    if alive {
+                        last_ok = Instant::now();
+                    } else {
+                        up = None;
+                        if link.stats.publisher_up.swap(false, Relaxed) {
+                            log::warn!(
+                                "redis publisher lost its connection (no answer to PING); retrying"
+                            );
+                        }
+                        retry_at = Instant::now();
+                    }
+                }
+                continue;
+            }
             Err(RecvTimeoutError::Disconnected) => return,
         };
         batch.push(first);
@@ -154,6 +178,7 @@ fn run(
         }
         match failed {
             None => {
+                last_ok = Instant::now();
                 link.stats.published.fetch_add(messages, Relaxed);
                 link.stats.stream_appended.fetch_add(appended, Relaxed);
             }
