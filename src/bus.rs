@@ -267,9 +267,6 @@ impl CrossCoreBus {
             Err(d) => {
                 self.overflow[to].push_back(d);
                 self.overflowing += 1;
-                let word = &self.rings[to].waiting[self.me / 64];
-                word.fetch_or(1 << (self.me % 64), Ordering::SeqCst);
-                // The receiver may have drained before it could see our bit: look once more.
                 self.retry(to);
                 Sent::Overflow
             }
@@ -293,15 +290,27 @@ impl CrossCoreBus {
         Ok(())
     }
 
-    /// Moves what waits for `to` into its ring while it has room.
+    /// Moves what waits for `to` into its ring while it has room. If some must still wait,
+    /// asks the receiver to wake us when it has drained (every time: the receiver clears the
+    /// request when it wakes us), then looks once more in case it drained before it could see
+    /// the request.
     fn retry(&mut self, to: usize) {
-        while let Some(d) = self.overflow[to].pop_front() {
-            if let Err(d) = self.push(to, d) {
-                self.overflow[to].push_front(d);
+        for attempt in 0..2 {
+            while let Some(d) = self.overflow[to].pop_front() {
+                if let Err(d) = self.push(to, d) {
+                    self.overflow[to].push_front(d);
+                    break;
+                }
+            }
+            if self.overflow[to].is_empty() {
+                self.overflowing -= 1;
                 return;
             }
+            if attempt == 0 {
+                let word = &self.rings[to].waiting[self.me / 64];
+                word.fetch_or(1 << (self.me % 64), Ordering::SeqCst);
+            }
         }
-        self.overflowing -= 1;
     }
 
     /// Moves overflow into rings that have room again. Returns true if overflow remains.
@@ -459,6 +468,24 @@ mod tests {
         assert_eq!(seen, (0..40).collect::<Vec<_>>(), "order kept");
         assert_eq!(rings[1].queued(), 0);
         assert!(!buses[0].is_backed_up());
+    }
+
+    #[test]
+    fn a_sender_that_still_cannot_push_after_a_wake_asks_again() {
+        let (mut buses, rings, _polls) = setup(2, 64 * 1024);
+        let dir = RoomDirectory::new(2);
+        let room = dir.attach("r", 1);
+        let me = |rings: &Arc<[RingState]>| rings[1].waiting[0].load(Ordering::SeqCst) & 1;
+        for _ in 0..3 {
+            buses[0].send(1, delivery(&room, 40 * 1024)); // one in the ring, two waiting
+        }
+        assert_eq!(me(&rings), 1, "asked to be woken");
+        assert!(buses[1].try_recv().is_some());
+        buses[1].release_waiting_senders();
+        assert_eq!(me(&rings), 0, "woken: the request is used up");
+        buses[0].retry_overflow(); // one more fits, the last still waits
+        assert!(buses[0].is_backed_up());
+        assert_eq!(me(&rings), 1, "still waiting, so it asks again");
     }
 
     #[test]

@@ -77,6 +77,7 @@ impl Server {
             reject_headroom: (limits::fd_reserve(fd.soft, workers) / 2) as usize,
             sockets: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
+            handed_over: AtomicBool::new(false),
             failure: Mutex::new(None),
             started: std::time::Instant::now(),
             metrics: Metrics::new(workers),
@@ -98,9 +99,13 @@ impl Server {
         if let Some(parts) = bridge_parts {
             crate::bridge::start(parts, shared.clone(), injector.fork())?;
         }
-        let metrics_addr = match shared.config.admin {
-            Some(a) => Some(crate::admin::spawn(a, shared.clone(), injector)?),
-            None => None,
+        let inherited_admin = inherited.as_mut().and_then(|i| i.admin.take());
+        let (metrics_addr, admin_fd) = match shared.config.admin {
+            Some(a) => {
+                let (addr, fd) = crate::admin::spawn(a, shared.clone(), injector, inherited_admin)?;
+                (Some(addr), Some(fd))
+            }
+            None => (None, None),
         };
         let mut threads = Vec::with_capacity(workers);
         for (id, ((poll, lst), bus)) in polls.into_iter().zip(listeners).zip(buses).enumerate() {
@@ -156,7 +161,7 @@ impl Server {
             i.release_predecessor()?;
         }
         if let Some(path) = shared.config.takeover.clone() {
-            crate::takeover::serve(path, listener_fds, shared.clone())?;
+            crate::takeover::serve(path, listener_fds, admin_fd, shared.clone())?;
         }
         let server = Server {
             shared,

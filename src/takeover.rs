@@ -8,8 +8,9 @@
 //! process's copies close without touching them.
 //!
 //! The exchange, on `PATH`:
-//! 1. The successor connects; the running process sends `megasock-takeover 1 N\n` with its N
-//!    listening sockets attached.
+//! 1. The successor connects; the running process sends `megasock-takeover 1 N A\n` with its
+//!    N sockets attached: its listeners, then its admin listener if A is 1 (so a fixed
+//!    `--admin` port carries over too; the old process stops accepting on it once done).
 //! 2. The successor starts its workers on them (binding more on the same port if it has more
 //!    workers), then answers `ready\n`.
 //! 3. The old process drains (close 1001 to its clients, `--drain-timeout`) and exits; the
@@ -36,6 +37,8 @@ const MAX_FDS: usize = 1024;
 /// Listening sockets received from the process that served `PATH`.
 pub struct Inherited {
     pub listeners: Vec<(SocketAddr, TcpListener)>,
+    /// Its admin listener, if it had one (taken over too, so a fixed admin port carries over).
+    pub admin: Option<TcpListener>,
     predecessor: UnixStream,
 }
 
@@ -64,15 +67,23 @@ pub fn take(path: &Path) -> io::Result<Option<Inherited>> {
         .map(|&fd| unsafe { TcpListener::from_raw_fd(fd) })
         .collect();
     let text = String::from_utf8_lossy(&buf[..n]);
-    let expected = format!("{HEADER} {nfds}\n");
-    if text != expected {
-        return Err(context(
-            path,
-            io::Error::other(format!(
-                "unexpected handover message {text:?} (expected {expected:?})"
-            )),
-        ));
-    }
+    // `HEADER N A`: N sockets, the last of them the admin listener if A is 1.
+    let fields: Vec<&str> = text
+        .strip_prefix(HEADER)
+        .map_or(Vec::new(), |r| r.split_whitespace().collect());
+    let with_admin = match fields.as_slice() {
+        [n, a] if *n == nfds.to_string() && (*a == "0" || *a == "1") => *a == "1",
+        _ => {
+            return Err(context(
+                path,
+                io::Error::other(format!(
+                    "unexpected handover message {text:?} with {nfds} sockets"
+                )),
+            ))
+        }
+    };
+    let mut received = received;
+    let admin = if with_admin { received.pop() } else { None };
     let mut listeners = Vec::with_capacity(nfds);
     for l in received {
         l.set_nonblocking(true)?;
@@ -80,6 +91,7 @@ pub fn take(path: &Path) -> io::Result<Option<Inherited>> {
     }
     Ok(Some(Inherited {
         listeners,
+        admin,
         predecessor: stream,
     }))
 }
@@ -93,7 +105,14 @@ impl Inherited {
 
 /// Serves `path` for a successor, on its own thread: hands it `fds` (this process's
 /// listening sockets), and once it is ready, drains this process.
-pub fn serve(path: PathBuf, fds: Vec<RawFd>, shared: Arc<Shared>) -> io::Result<()> {
+pub fn serve(
+    path: PathBuf,
+    listeners: Vec<RawFd>,
+    admin: Option<RawFd>,
+    shared: Arc<Shared>,
+) -> io::Result<()> {
+    let with_admin = admin.is_some() as u8;
+    let fds: Vec<RawFd> = listeners.into_iter().chain(admin).collect();
     let _ = std::fs::remove_file(&path); // our predecessor's, now ours
     let listener = UnixListener::bind(&path).map_err(|e| {
         let hint = match e.kind() {
@@ -107,8 +126,11 @@ pub fn serve(path: PathBuf, fds: Vec<RawFd>, shared: Arc<Shared>) -> io::Result<
         .name("megasock-takeover".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                match hand_over(&stream, &fds) {
+                match hand_over(&stream, &fds, with_admin) {
                     Ok(()) => {
+                        shared
+                            .handed_over
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
                         log::info!(
                             "handed {} listening sockets to a new megasock over {}; draining",
                             fds.len(),
@@ -127,8 +149,8 @@ pub fn serve(path: PathBuf, fds: Vec<RawFd>, shared: Arc<Shared>) -> io::Result<
     Ok(())
 }
 
-fn hand_over(stream: &UnixStream, fds: &[RawFd]) -> io::Result<()> {
-    let header = format!("{HEADER} {}\n", fds.len());
+fn hand_over(stream: &UnixStream, fds: &[RawFd], with_admin: u8) -> io::Result<()> {
+    let header = format!("{HEADER} {} {with_admin}\n", fds.len());
     stream.send_with_fd(header.as_bytes(), fds)?;
     // The successor has the sockets; it answers once its workers accept from them.
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;

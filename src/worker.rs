@@ -75,6 +75,8 @@ pub struct Shared {
     /// Sockets held across all workers (counts against `max_connections`).
     pub sockets: AtomicUsize,
     pub shutdown: AtomicBool,
+    /// The listening sockets (and the admin listener) went to a successor (`--takeover`).
+    pub handed_over: AtomicBool,
     /// Why a worker died, if one did: the others drain and the process exits non-zero.
     pub failure: Mutex<Option<String>>,
     pub metrics: Metrics,

@@ -993,3 +993,24 @@ fn healthz_is_503_while_a_worker_is_stuck_then_200() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Idle keep-alive connections filling every admin slot do not lock the probes out: the
+/// longest idle one makes room.
+#[test]
+fn idle_connections_at_the_limit_do_not_lock_out_healthz() {
+    let srv = ServerProc::start(&[]);
+    let mut idle = Vec::new();
+    for _ in 0..256 {
+        let mut s = TcpStream::connect(srv.metrics).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        idle.push(s);
+    }
+    for _ in 0..5 {
+        let r = get(srv.metrics, "/healthz");
+        assert_eq!(r.status, 200);
+    }
+}

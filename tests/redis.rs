@@ -376,3 +376,49 @@ fn sharded_pubsub_keeps_each_room_on_its_shard() {
         "the rooms spread over the shards: {masters_used:?}"
     );
 }
+
+/// A channel that never goes quiet does not hold back a new room's subscription.
+#[test]
+fn a_busy_channel_does_not_hold_back_new_rooms() {
+    let redis = Redis::start();
+    let a = node(&redis.url(), &[]);
+    let _busy_member = Client::connect(a.ws, "/ws/busy");
+    wait_subscribed(&a, 1);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pump = {
+        let (stop, port) = (stop.clone(), redis.port);
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).unwrap();
+            let cmd = b"*3\r\n$7\r\nPUBLISH\r\n$18\r\nmegasock:room:busy\r\n$4\r\ntick\r\n";
+            let mut sink = [0u8; 4096];
+            s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            // One message every 2 ms: never 50 ms of silence on the subscriber's connection.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                if s.write_all(cmd).is_err() {
+                    return;
+                }
+                let _ = s.read(&mut sink);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let mut quiet = Client::connect(a.ws, "/ws/quiet");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis
+        .raw(&["PUBSUB", "CHANNELS", "megasock:room:quiet"])
+        .is_none_or(|r| !r.contains("quiet"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the quiet room was never subscribed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    redis.cmd(&["PUBLISH", "megasock:room:quiet", "hello quiet"]);
+    quiet.set_timeout(Duration::from_secs(5));
+    assert_eq!(quiet.recv().payload, b"hello quiet");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    pump.join().unwrap();
+}

@@ -171,6 +171,19 @@ fn sighup_restarts_in_place_without_a_failed_connect() {
         .and_then(|p| p.parse().ok())
         .expect("pid line");
     assert_ne!(successor, old_pid, "a new process serves");
+    // The admin listener was handed over too: same address, answered by the successor.
+    let admin_after = std::fs::read_to_string(old.ready_path())
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("admin="))
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .expect("admin line");
+    assert_eq!(admin_after, old.metrics, "the admin address carries over");
+    let health = http_exchange(
+        admin_after,
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
     let _successor = KillOnDrop(successor);
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);

@@ -11,6 +11,7 @@ mod routes;
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,16 +32,31 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_OUTPUT: usize = 1 << 20;
 const LISTENER: Token = Token(usize::MAX);
 
-/// Binds the admin listener and serves it on a background thread. Returns the bound address.
-pub fn spawn(addr: SocketAddr, shared: Arc<Shared>, injector: Injector) -> io::Result<SocketAddr> {
-    let std_listener = std::net::TcpListener::bind(addr).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot listen on --admin {addr}: {e} (is another process using it?)"),
-        )
-    })?;
+/// Binds the admin listener (or adopts the one a predecessor handed over, see `takeover`) and
+/// serves it on a background thread. Returns the bound address and the listener's fd (for the
+/// next handover).
+pub fn spawn(
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    injector: Injector,
+    inherited: Option<std::net::TcpListener>,
+) -> io::Result<(SocketAddr, RawFd)> {
+    let adopted = inherited.filter(|l| {
+        l.local_addr()
+            .is_ok_and(|a| a == addr || (addr.port() == 0 && a.ip() == addr.ip()))
+    });
+    let std_listener = match adopted {
+        Some(l) => l,
+        None => std::net::TcpListener::bind(addr).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on --admin {addr}: {e} (is another process using it?)"),
+            )
+        })?,
+    };
     std_listener.set_nonblocking(true)?;
     let bound = std_listener.local_addr()?;
+    let fd = std_listener.as_raw_fd();
     let listener = TcpListener::from_std(std_listener);
     let poll = Poll::new()?;
     std::thread::Builder::new()
@@ -48,7 +64,7 @@ pub fn spawn(addr: SocketAddr, shared: Arc<Shared>, injector: Injector) -> io::R
         .spawn(move || {
             let mut admin = Admin {
                 poll,
-                listener,
+                listener: Some(listener),
                 conns: Slab::new(),
                 ctx: routes::Ctx::new(shared, injector),
             };
@@ -56,7 +72,7 @@ pub fn spawn(addr: SocketAddr, shared: Arc<Shared>, injector: Injector) -> io::R
                 log::error!("admin listener stopped: {e}");
             }
         })?;
-    Ok(bound)
+    Ok((bound, fd))
 }
 
 struct Conn {
@@ -71,16 +87,19 @@ struct Conn {
 
 struct Admin {
     poll: Poll,
-    listener: TcpListener,
+    /// None once handed over to a successor (it accepts from the same socket now).
+    listener: Option<TcpListener>,
     conns: Slab<Conn>,
     ctx: routes::Ctx,
 }
 
 impl Admin {
     fn run(&mut self) -> io::Result<()> {
-        self.poll
-            .registry()
-            .register(&mut self.listener, LISTENER, Interest::READABLE)?;
+        if let Some(l) = self.listener.as_mut() {
+            self.poll
+                .registry()
+                .register(l, LISTENER, Interest::READABLE)?;
+        }
         let mut events = Events::with_capacity(256);
         loop {
             // Published messages waiting for room in a ring are retried often; otherwise the
@@ -104,15 +123,25 @@ impl Admin {
             }
             self.ctx.injector.retry();
             self.expire();
+            if self.listener.is_some() && self.ctx.handed_over() {
+                // The successor accepts from the same socket: our copy goes, our open
+                // connections are still answered.
+                if let Some(mut l) = self.listener.take() {
+                    let _ = self.poll.registry().deregister(&mut l);
+                }
+            }
         }
     }
 
     fn accept(&mut self) {
         loop {
-            match self.listener.accept() {
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
+            match listener.accept() {
                 Ok((mut stream, _)) => {
-                    if self.conns.len() >= MAX_CONNS {
-                        continue; // dropped: closed at once
+                    if self.conns.len() >= MAX_CONNS && !self.evict_idle() {
+                        continue; // every slot is busy with a request: closed at once
                     }
                     let entry = self.conns.vacant_entry();
                     let registered = self.poll.registry().register(
@@ -145,7 +174,9 @@ impl Admin {
         };
         let mut buf = [0u8; 16 * 1024];
         let mut eof = false;
-        while !c.closing {
+        // A client that does not read its answers is not read either (its requests would pile
+        // up here); the writable event that follows its next read brings it back.
+        while !c.closing && c.output.len() - c.written < MAX_OUTPUT {
             match c.stream.read(&mut buf) {
                 Ok(0) => {
                     eof = true;
@@ -277,6 +308,24 @@ impl Admin {
                 let _ = c.stream.write(&c.output);
             }
             self.close(key);
+        }
+    }
+
+    /// Full: makes room by closing the connection idle the longest (between requests). Idle
+    /// keep-alive connections must not lock the probes out.
+    fn evict_idle(&mut self) -> bool {
+        let oldest = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.input.is_empty() && c.output.len() == c.written)
+            .min_by_key(|(_, c)| c.deadline)
+            .map(|(k, _)| k);
+        match oldest {
+            Some(k) => {
+                self.close(k);
+                true
+            }
+            None => false,
         }
     }
 

@@ -57,6 +57,11 @@ impl Ctx {
         }
     }
 
+    /// This process handed its listeners to a successor (`takeover`).
+    pub(super) fn handed_over(&self) -> bool {
+        self.shared.handed_over.load(Relaxed)
+    }
+
     pub(super) fn count(&mut self, status: u16) {
         *self.responses.entry(status).or_default() += 1;
     }

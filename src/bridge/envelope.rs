@@ -41,7 +41,7 @@ pub struct Received {
 
 /// Reads a payload from a room channel.
 pub fn unwrap(payload: &[u8]) -> Received {
-    if payload.len() >= HEADER && &payload[..4] == MAGIC {
+    if payload.len() >= HEADER && &payload[..4] == MAGIC && frames_check(payload) {
         let mut node = [0u8; 16];
         node.copy_from_slice(&payload[4..20]);
         let ts = u64::from_be_bytes(payload[20..28].try_into().expect("8 bytes"));
@@ -64,6 +64,35 @@ pub fn unwrap(payload: &[u8]) -> Received {
         messages: 1,
         frames: codec::encode(kind, payload),
     }
+}
+
+/// An envelope's frames must be exactly `messages` whole, unmasked, final data frames (text
+/// or binary) covering the rest of the payload: anything else is not ours, and is treated as a
+/// bare payload rather than written into clients' streams.
+fn frames_check(payload: &[u8]) -> bool {
+    let messages = u32::from_be_bytes(payload[28..32].try_into().expect("4 bytes")) as usize;
+    let mut rest = &payload[HEADER..];
+    let mut seen = 0;
+    while !rest.is_empty() {
+        if rest.len() < 2 || !matches!(rest[0], 0x81 | 0x82) || rest[1] & 0x80 != 0 {
+            return false;
+        }
+        let (len, head) = match rest[1] & 0x7f {
+            126 if rest.len() >= 4 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
+            127 if rest.len() >= 10 => (
+                u64::from_be_bytes(rest[2..10].try_into().expect("8 bytes")) as usize,
+                10,
+            ),
+            126 | 127 => return false,
+            n => (n as usize, 2),
+        };
+        let Some(total) = len.checked_add(head).filter(|&t| t <= rest.len()) else {
+            return false;
+        };
+        rest = &rest[total..];
+        seen += 1;
+    }
+    seen == messages && messages > 0
 }
 
 #[cfg(test)]

@@ -195,7 +195,8 @@ impl BridgeLink {
 
     fn push(&self, o: Outgoing, messages: u64) {
         let c = o.cost();
-        if self.queued.fetch_add(c, Relaxed) + c > self.capacity {
+        let before = self.queued.fetch_add(c, Relaxed);
+        if before > 0 && before + c > self.capacity {
             self.queued.fetch_sub(c, Relaxed);
             self.stats.count_drop(Dropped::QueueFull, messages);
             return;

@@ -59,19 +59,22 @@ fn run(
     let mut retry_at = Instant::now();
     let mut batch: Vec<Outgoing> = Vec::with_capacity(BATCH);
     let mut last_ok = Instant::now();
+    let mut warned = false;
     loop {
         if up.is_none() && Instant::now() >= retry_at {
             match connect(&seed, sharded) {
                 Ok(t) => {
                     up = Some(t);
                     backoff = Duration::from_millis(100);
+                    warned = false;
                     if !link.stats.publisher_up.swap(true, Relaxed) {
                         log::info!("redis publisher connected");
                     }
                 }
                 Err(e) => {
-                    if link.stats.publisher_up.swap(false, Relaxed) {
-                        log::warn!("redis publisher lost its connection: {e}; retrying");
+                    if link.stats.publisher_up.swap(false, Relaxed) || !warned {
+                        log::warn!("redis publisher: {e}; retrying with back-off");
+                        warned = true;
                     }
                     retry_at = Instant::now() + backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -69,6 +69,31 @@ pub fn parse(buf: &[u8]) -> io::Result<Option<(Resp, usize)>> {
     }
 }
 
+/// `%XX` escapes in a URL's user or password.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).and_then(|&c| hex(c)),
+            b.get(i + 2).and_then(|&c| hex(c)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// `(channel, payload)` of a pushed `message` or `smessage`.
 pub fn message(v: &Resp) -> Option<(&[u8], &[u8])> {
     let Resp::Array(items) = v else { return None };
@@ -99,9 +124,21 @@ impl SubConn {
             Some((a, h)) => (Some(a), h),
             None => (None, rest),
         };
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(hostport)?
+        // The port defaults to 6379, as for every Redis client ("host", "[::1]" or "h:p").
+        let has_port = match hostport.rsplit_once(':') {
+            Some((h, p)) => {
+                !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':')
+            }
+            None => false,
+        } && !(hostport.starts_with('[') && hostport.ends_with(']'));
+        let target = if has_port {
+            hostport.to_string()
+        } else {
+            format!("{hostport}:6379")
+        };
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&target)?
             .next()
-            .ok_or_else(|| io::Error::other(format!("{hostport}: no address")))?;
+            .ok_or_else(|| io::Error::other(format!("{target}: no address")))?;
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(read_timeout))?;
@@ -112,6 +149,7 @@ impl SubConn {
         };
         if let Some(auth) = auth {
             let (user, pass) = auth.split_once(':').unwrap_or(("", auth));
+            let (user, pass) = (percent_decode(user), percent_decode(pass));
             let mut cmd = redis::cmd("AUTH");
             if !user.is_empty() {
                 cmd.arg(user);

@@ -24,6 +24,8 @@ const PROBE_AFTER: Duration = Duration::from_secs(30);
 const PROBE_GRACE: Duration = Duration::from_secs(5);
 /// Channels per SUBSCRIBE / UNSUBSCRIBE command.
 const PER_COMMAND: usize = 512;
+/// Messages read from one connection before the room changes are looked at again.
+const PER_ROUND: usize = 256;
 
 pub(super) fn spawn(
     changes: Receiver<RoomChange>,
@@ -65,18 +67,23 @@ struct Subscriber {
 impl Subscriber {
     fn run(mut self, seed: String, sharded: bool) {
         let mut backoff = Duration::from_millis(100);
+        // The first failure is logged even if the link was never up (a wrong URL or port).
+        let mut warned = false;
         loop {
             self.take_changes();
             let err = match self.connect(&seed, sharded) {
                 Ok((topology, mut cons)) => {
                     backoff = Duration::from_millis(100);
+                    warned = false;
                     self.serve(&topology, &mut cons).err()
                 }
                 Err(e) => Some(e),
             };
             if let Some(e) = err {
-                if self.link.stats.subscriber_up.swap(false, Relaxed) {
-                    log::warn!("redis subscriber lost its connection: {e}; reconnecting");
+                let was_up = self.link.stats.subscriber_up.swap(false, Relaxed);
+                if was_up || !warned {
+                    log::warn!("redis subscriber: {e}; retrying with back-off");
+                    warned = true;
                 }
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -148,7 +155,10 @@ impl Subscriber {
         loop {
             for con in cons.iter_mut() {
                 // Everything already buffered on this connection, then the next one.
-                while let Some(v) = con.read_value()? {
+                // A bounded number per round: a busy channel must not hold back the room
+                // changes (a new room waiting for its SUBSCRIBE) or the other connections.
+                for _ in 0..PER_ROUND {
+                    let Some(v) = con.read_value()? else { break };
                     heard = Instant::now();
                     if let Some((channel, payload)) = resp::message(&v) {
                         self.deliver(&String::from_utf8_lossy(channel), payload);

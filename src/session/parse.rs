@@ -48,17 +48,51 @@ impl Session {
         }
         let ib = self.inbound.get_or_insert_with(Box::default);
         ib.stash.extend_from_slice(fresh);
+        // The message in progress, as the data frames skipped so far leave it: whether it is
+        // text, its UTF-8 state and its length. A ping behind a data frame that will fail the
+        // connection is not answered (nothing after a failure is processed).
+        let mut message = ib
+            .fragments
+            .as_ref()
+            .map(|f| (f.kind == Kind::Text, f.utf8, f.data.len()));
+        let first_done = ib.partial.unmasked as usize;
         let stash = &mut ib.stash;
         let mut pos = 0;
-        // Headers only: `partial` (progress through the first frame) is never disturbed,
-        // since only complete control frames are taken out and the first frame of a stash
-        // with progress is an incomplete text frame, where the scan stops.
+        // `partial` (progress through the first frame) is never disturbed: only complete
+        // control frames are taken out, and a first frame with progress is a text frame.
         while let Ok(Parsed::Frame(h)) = codec::parse_header(&stash[pos..], lim.max_message) {
             let total = h.header_len + h.payload_len;
             if stash.len() - pos < total || h.kind == Kind::Close {
                 break;
             }
             if !matches!(h.kind, Kind::Ping | Kind::Pong) {
+                let so_far = message.map_or(0, |m| m.2);
+                let fits = match (h.kind, message) {
+                    (Kind::Continuation, None) | (Kind::Text | Kind::Binary, Some(_)) => false,
+                    _ => h.payload_len <= lim.max_message.saturating_sub(so_far),
+                };
+                if !fits {
+                    break;
+                }
+                let text = h.kind == Kind::Text
+                    || (h.kind == Kind::Continuation && message.is_some_and(|m| m.0));
+                let mut utf8 = match (h.kind, message) {
+                    (Kind::Continuation, Some(m)) => m.1,
+                    _ => Utf8Stream::default(),
+                };
+                if text {
+                    let mut copy = stash[pos + h.header_len..pos + total].to_vec();
+                    let done = if pos == 0 {
+                        first_done.min(copy.len())
+                    } else {
+                        0
+                    };
+                    codec::unmask_from(&mut copy[done..], h.mask, done);
+                    if !utf8.feed(&copy) || (h.fin && !utf8.is_complete()) {
+                        break;
+                    }
+                }
+                message = (!h.fin).then(|| (text, utf8, so_far + h.payload_len));
                 pos += total;
                 continue;
             }
@@ -123,8 +157,20 @@ impl Session {
             return 0;
         };
         match handshake::parse(&buf[..end]) {
+            Upgrade::Incomplete if buf.len() > handshake::MAX_HEAD => {
+                self.reject(
+                    handshake::Rejection {
+                        status: 431,
+                        reason: "request head over 8 KiB",
+                    },
+                    now,
+                    host,
+                );
+                buf.len()
+            }
             Upgrade::Incomplete => {
-                // Our end-of-head guess was early (httparse wants more): search on from it.
+                // Our end-of-head guess was early (httparse skips leading blank lines): search
+                // on past it.
                 ib.get_or_insert_with(Box::default).scanned = end as u32;
                 0
             }
@@ -349,11 +395,16 @@ pub(super) fn head_end(buf: &[u8], from: usize) -> Option<usize> {
     let mut i = start;
     while let Some(off) = buf[i..].iter().position(|&b| b == b'\n') {
         let nl = i + off;
-        match buf.get(nl + 1..) {
-            Some([b'\n', ..]) => return Some(nl + 2),
-            Some([b'\r', b'\n', ..]) => return Some(nl + 3),
-            _ => i = nl + 1,
+        let end = match buf.get(nl + 1..) {
+            Some([b'\n', ..]) => Some(nl + 2),
+            Some([b'\r', b'\n', ..]) => Some(nl + 3),
+            _ => None,
+        };
+        // A terminator ending at or before `from` was already looked at (and was too early).
+        if let Some(end) = end.filter(|&e| e > from) {
+            return Some(end);
         }
+        i = nl + 1;
     }
     None
 }

@@ -381,3 +381,57 @@ fn shutdown_closes_open_sessions_and_drops_handshakes() {
     ));
     assert_eq!(s.phase(), Phase::Closing);
 }
+
+#[test]
+fn blank_lines_before_a_head_are_bounded_too() {
+    // httparse skips leading blank lines, so each CR LF pair looks like an early end of head:
+    // the search must move past it, and 8 KiB of them is a 431 like any long head.
+    let mut s = Session::new(0);
+    let mut rec = Rec::default();
+    for _ in 0..5000 {
+        if s.phase() != Phase::Handshake {
+            break;
+        }
+        feed(&mut s, b"\r\n", &mut rec);
+    }
+    assert_eq!(rec.0.first(), Some(&Ev::Status(431)));
+    assert!(
+        s.buffered_capacity() <= 16 * 1024,
+        "held {}",
+        s.buffered_capacity()
+    );
+    // Blank lines and then a real request still upgrade.
+    let mut s = Session::new(0);
+    let mut rec = Rec::default();
+    feed(&mut s, b"\r\n\r\n", &mut rec);
+    feed(&mut s, REQUEST, &mut rec);
+    assert_eq!(s.phase(), Phase::Open);
+}
+
+#[test]
+fn a_paused_publisher_s_ping_behind_a_bad_frame_is_not_answered() {
+    for bad in [
+        masked(0x81, &[b'o', b'k', 0xff]), // invalid UTF-8
+        masked(0x80, b"continuation without a message"),
+        frame(0x82, &vec![0u8; MAX + 1], Some([1, 2, 3, 4])), // over the limit
+    ] {
+        let (mut s, mut rec) = open();
+        let mut bytes = masked(0x89, b"before");
+        bytes.extend(bad);
+        bytes.extend(masked(0x89, b"after"));
+        s.receive_held(&bytes, &limits(), 2, &mut rec);
+        assert_eq!(
+            rec.0,
+            vec![Ev::Pong(b"before".to_vec())],
+            "only the ping before it"
+        );
+        rec.0.clear();
+        s.receive(&mut [], &limits(), 3, &mut rec);
+        assert!(
+            matches!(rec.0.last(), Some(Ev::Close(Some(_)))),
+            "{:?}",
+            rec.0
+        );
+        assert!(!rec.0.contains(&Ev::Pong(b"after".to_vec())));
+    }
+}

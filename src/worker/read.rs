@@ -23,7 +23,9 @@ impl Worker {
     pub(super) fn on_readable(&mut self, key: u32, to_the_end: bool) {
         if self.publisher_blocked(&self.conns[key as usize]) {
             self.read_held(key);
-            self.defer_read(key, true);
+            if self.conns.contains(key as usize) {
+                self.defer_read(key, true); // unless reading found it broken and dropped it
+            }
             return;
         }
         let (now, lim) = (self.now, self.limits);
