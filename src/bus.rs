@@ -58,6 +58,27 @@ fn cost(d: &Delivery) -> usize {
     d.frames.len() + std::mem::size_of::<Delivery>()
 }
 
+/// Puts a delivery in a ring if it has room (an empty ring takes anything); gives it back if
+/// not. The only place a ring's byte count grows.
+fn push_ring(
+    ring: &RingState,
+    tx: &Sender<Delivery>,
+    capacity: usize,
+    d: Delivery,
+) -> Result<(), Delivery> {
+    let c = cost(&d);
+    let before = ring.queued.fetch_add(c, Ordering::SeqCst);
+    if before > 0 && before + c > capacity {
+        ring.queued.fetch_sub(c, Ordering::SeqCst);
+        return Err(d);
+    }
+    if tx.send(d).is_err() {
+        // The receiver is gone (shutting down): nobody is left to deliver to.
+        ring.queued.fetch_sub(c, Ordering::SeqCst);
+    }
+    Ok(())
+}
+
 /// How a worker is woken.
 pub struct Wakeup {
     pub waker: Waker,
@@ -186,16 +207,7 @@ impl Injector {
     }
 
     fn push(&mut self, to: usize, d: Delivery) -> Result<(), Delivery> {
-        let c = cost(&d);
-        let ring = &self.rings[to].queued;
-        let before = ring.fetch_add(c, Ordering::SeqCst);
-        if before > 0 && before + c > self.capacity {
-            ring.fetch_sub(c, Ordering::SeqCst);
-            return Err(d);
-        }
-        if self.outbound[to].send(d).is_err() {
-            ring.fetch_sub(c, Ordering::SeqCst);
-        }
+        push_ring(&self.rings[to], &self.outbound[to], self.capacity, d)?;
         self.wakeups[to].nudge();
         Ok(())
     }
@@ -275,17 +287,7 @@ impl CrossCoreBus {
 
     /// Pushes if the ring has room; gives the delivery back if not.
     fn push(&mut self, to: usize, d: Delivery) -> Result<(), Delivery> {
-        let c = cost(&d);
-        let ring = &self.rings[to].queued;
-        let before = ring.fetch_add(c, Ordering::SeqCst);
-        if before > 0 && before + c > self.capacity {
-            ring.fetch_sub(c, Ordering::SeqCst);
-            return Err(d);
-        }
-        if self.outbound[to].send(d).is_err() {
-            // The receiver is gone (shutting down): nobody is left to deliver to.
-            ring.fetch_sub(c, Ordering::SeqCst);
-        }
+        push_ring(&self.rings[to], &self.outbound[to], self.capacity, d)?;
         self.touched[to] = true;
         Ok(())
     }

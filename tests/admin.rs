@@ -192,28 +192,6 @@ fn sample(text: &str, series: &str) -> Option<f64> {
     })
 }
 
-/// Connects room members until each of `workers` workers holds at least one (SO_REUSEPORT
-/// spreads connections by hash, so keep going until every worker has one).
-fn members_on_every_worker(srv: &ServerProc, room: &str, workers: usize) -> Vec<Client> {
-    let mut clients = Vec::new();
-    loop {
-        clients.push(Client::connect(srv.ws, &format!("/ws/{room}")));
-        let text = srv.metrics_text();
-        let busy = text
-            .lines()
-            .filter(|l| l.starts_with("megasock_connections{"))
-            .filter(|l| l.rsplit(' ').next().unwrap() != "0")
-            .count();
-        if busy == workers {
-            return clients;
-        }
-        assert!(
-            clients.len() < 200,
-            "connections never reached every worker"
-        );
-    }
-}
-
 /// Waits until the room directory holds `n` memberships (the members joined).
 fn wait_memberships(srv: &ServerProc, n: i64) {
     srv.wait_metric("megasock_room_memberships ", 5, |v| v == n);

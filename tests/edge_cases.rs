@@ -99,27 +99,6 @@ fn chopped_text_frame_fails_fast_on_invalid_utf8() {
     assert_eq!(u16::from_be_bytes([f.payload[0], f.payload[1]]), 1007);
 }
 
-/// Connects room members until each of `workers` workers holds at least one.
-fn members_on_every_worker(srv: &ServerProc, room: &str, workers: usize) -> Vec<Client> {
-    let mut clients = Vec::new();
-    loop {
-        clients.push(Client::connect(srv.ws, &format!("/ws/{room}")));
-        let text = srv.metrics_text();
-        let busy = text
-            .lines()
-            .filter(|l| l.starts_with("megasock_connections{"))
-            .filter(|l| l.rsplit(' ').next().unwrap() != "0")
-            .count();
-        if busy == workers {
-            return clients;
-        }
-        assert!(
-            clients.len() < 200,
-            "connections never reached every worker"
-        );
-    }
-}
-
 /// `megasock_bus_sent_total` counts messages handed to other workers, not the batches that
 /// carry them: 20 messages read in one read cross as one delivery but count as 20.
 #[test]

@@ -50,13 +50,7 @@ fn restart_with(extra_new: &[&str], old_args: &[&str]) -> (usize, Vec<String>) {
     let mut resident = Client::connect(old.ws, "/echo");
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicUsize::new(0));
-    // Several loops at once, so the old server's accept queue is rarely empty when it goes.
-    let loopers: Vec<_> = (0..LOOPS)
-        .map(|_| {
-            let (stop, count, addr) = (stop.clone(), count.clone(), old.ws);
-            std::thread::spawn(move || connect_loop(addr, stop, count))
-        })
-        .collect();
+    let loopers = Loops::start(old.ws, &stop, &count);
     let wait_for = |n: usize| {
         let until = count.load(Ordering::Relaxed) + n;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -84,18 +78,45 @@ fn restart_with(extra_new: &[&str], old_args: &[&str]) -> (usize, Vec<String>) {
     );
     wait_for(200);
     stop.store(true, Ordering::Relaxed);
-    let mut attempts = 0;
-    let mut failures = Vec::new();
-    for l in loopers {
-        let (a, f) = l.join().unwrap();
-        attempts += a;
-        failures.extend(f);
-    }
+    let (attempts, failures) = loopers.join();
     drop(new);
     (attempts, failures)
 }
 
 const LOOPS: usize = 8;
+
+/// `LOOPS` connect loops at once, so the old server's accept queue is rarely empty when it
+/// goes.
+struct Loops(Vec<std::thread::JoinHandle<(usize, Vec<String>)>>);
+
+impl Loops {
+    fn start(
+        addr: std::net::SocketAddr,
+        stop: &Arc<AtomicBool>,
+        count: &Arc<AtomicUsize>,
+    ) -> Loops {
+        Loops(
+            (0..LOOPS)
+                .map(|_| {
+                    let (stop, count) = (stop.clone(), count.clone());
+                    std::thread::spawn(move || connect_loop(addr, stop, count))
+                })
+                .collect(),
+        )
+    }
+
+    /// All attempts, and every failure.
+    fn join(self) -> (usize, Vec<String>) {
+        let mut attempts = 0;
+        let mut failures = Vec::new();
+        for l in self.0 {
+            let (a, f) = l.join().unwrap();
+            attempts += a;
+            failures.extend(f);
+        }
+        (attempts, failures)
+    }
+}
 
 fn libc_sigterm() -> i32 {
     15
@@ -150,12 +171,7 @@ fn sighup_restarts_in_place_without_a_failed_connect() {
     let old_pid = old.child.id();
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicUsize::new(0));
-    let loopers: Vec<_> = (0..LOOPS)
-        .map(|_| {
-            let (stop, count, addr) = (stop.clone(), count.clone(), old.ws);
-            std::thread::spawn(move || connect_loop(addr, stop, count))
-        })
-        .collect();
+    let loopers = Loops::start(old.ws, &stop, &count);
     std::thread::sleep(Duration::from_millis(300));
     old.signal(1); // SIGHUP
     let status = old.wait_exit(15);
@@ -187,13 +203,7 @@ fn sighup_restarts_in_place_without_a_failed_connect() {
     let _successor = KillOnDrop(successor);
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
-    let mut attempts = 0;
-    let mut failures = Vec::new();
-    for l in loopers {
-        let (a, f) = l.join().unwrap();
-        attempts += a;
-        failures.extend(f);
-    }
+    let (attempts, failures) = loopers.join();
     let mut after = Client::connect(old.ws, "/echo");
     after.send_text("still here");
     assert_eq!(after.recv().payload, b"still here");

@@ -438,3 +438,24 @@ impl Client {
         self.send_frame(CLOSE, true, &code.to_be_bytes());
     }
 }
+
+/// Connects room members until each of `workers` workers holds at least one.
+pub fn members_on_every_worker(srv: &ServerProc, room: &str, workers: usize) -> Vec<Client> {
+    let mut clients = Vec::new();
+    loop {
+        clients.push(Client::connect(srv.ws, &format!("/ws/{room}")));
+        let text = srv.metrics_text();
+        let busy = text
+            .lines()
+            .filter(|l| l.starts_with("megasock_connections{"))
+            .filter(|l| l.rsplit(' ').next().unwrap() != "0")
+            .count();
+        if busy == workers {
+            return clients;
+        }
+        assert!(
+            clients.len() < 200,
+            "connections never reached every worker"
+        );
+    }
+}
