@@ -194,6 +194,10 @@ pub struct BroadcastArgs {
     /// Members that publish
     #[arg(long, default_value_t = 1)]
     pub pubs: u64,
+    /// Connect the members that do not publish to this server instead (ws://HOST:PORT/PATH):
+    /// a room across two nodes (e.g. bridged by Redis), publishers on --url
+    #[arg(long, value_name = "URL")]
+    pub members_url: Option<String>,
     /// Messages per publisher
     #[arg(long, default_value_t = 100)]
     pub msgs: u64,

@@ -93,6 +93,8 @@ pub struct Conn {
     frag: Option<(u8, Vec<u8>)>,
     /// The close handshake was started by us (a normal end), not by the server.
     closing_by_us: bool,
+    /// Connected to `EngineConfig::alt_target`.
+    alt: bool,
     close_deadline: u64,
 }
 
@@ -116,6 +118,8 @@ impl Behavior for Idle {
 
 pub struct EngineConfig {
     pub target: Target,
+    /// Another server, and the first local connection index that goes there.
+    pub alt_target: Option<(Target, u64)>,
     pub source_ips: Arc<Vec<IpAddr>>,
     /// Global index of this worker and the number of workers over all processes.
     pub worker: usize,
@@ -327,7 +331,12 @@ impl Engine {
         }
         let gidx = crate::srcip::global_index(local, self.cfg.worker, self.cfg.workers);
         let src = crate::srcip::pick(&self.cfg.source_ips, gidx);
-        let mut stream = match open_socket(self.cfg.target.addr, src) {
+        let alt = matches!(&self.cfg.alt_target, Some((_, from)) if local >= *from);
+        let target = match &self.cfg.alt_target {
+            Some((t, _)) if alt => t,
+            _ => &self.cfg.target,
+        };
+        let mut stream = match open_socket(target.addr, src) {
             Ok(s) => s,
             Err(e) => {
                 self.count_failure(classify(&e));
@@ -354,6 +363,7 @@ impl Engine {
             out_pos: 0,
             frag: None,
             closing_by_us: false,
+            alt,
             close_deadline: 0,
         });
         self.pending.push_back(id);
@@ -446,7 +456,11 @@ impl Engine {
         self.stats.tcp.record(now - c.started_ns);
         c.state = State::Handshaking;
         let key = c.key;
-        ws::write_request(&self.cfg.target, &key, &mut self.out);
+        let target = match &self.cfg.alt_target {
+            Some((t, _)) if c.alt => t,
+            _ => &self.cfg.target,
+        };
+        ws::write_request(target, &key, &mut self.out);
         self.send_out(id);
     }
 

@@ -235,6 +235,10 @@ fn make_plan(sc: &Scenario) -> Result<Plan, String> {
     validate(sc)?;
     let c = sc.common();
     let target = ws::parse_url(&c.url)?;
+    let members_target = match sc {
+        Scenario::Broadcast(a) => a.members_url.as_deref().map(ws::parse_url).transpose()?,
+        _ => None,
+    };
     let source_ips = match &c.source_ips {
         Some(spec) => srcip::parse(spec)?,
         None => Vec::new(),
@@ -265,6 +269,7 @@ fn make_plan(sc: &Scenario) -> Result<Plan, String> {
     let _ = util::raise_nofile_limit();
     Ok(Plan {
         target,
+        members_target,
         source_ips: Arc::new(source_ips),
         procs,
         threads,

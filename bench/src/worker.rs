@@ -21,6 +21,8 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub target: Target,
+    /// Broadcast `--members-url`: where the members that do not publish connect.
+    pub members_target: Option<Target>,
     pub source_ips: Arc<Vec<IpAddr>>,
     pub procs: usize,
     pub threads: usize,
@@ -71,6 +73,16 @@ impl WorkerCtx {
         Engine::new(
             EngineConfig {
                 target: self.plan.target.clone(),
+                // Publishers are each worker's first local connections (see `broadcast`).
+                alt_target: self.plan.members_target.clone().map(|t| {
+                    let pubs = match &*self.scenario {
+                        Scenario::Broadcast(a) => a.pubs,
+                        _ => 0,
+                    };
+                    let wt = self.plan.workers as u64;
+                    let mine = (pubs + wt - 1 - self.g as u64) / wt; // publishers p ≡ g (mod wt)
+                    (t, mine)
+                }),
                 source_ips: self.plan.source_ips.clone(),
                 worker: self.g,
                 workers: self.plan.workers,
