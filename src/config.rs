@@ -166,6 +166,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE")]
     pub redis_queue: Option<ByteSize>,
 
+    /// Every connection starts with a PROXY protocol header (v1 or v2, as HAProxy's
+    /// `send-proxy-v2` sends), which gives the client's real address; without one: HTTP 400.
+    /// [default: off]
+    #[arg(long)]
+    #[serde(default)]
+    pub proxy_protocol: bool,
+
     /// Restart without refusing a connect: take the listening sockets of the megasock serving
     /// this Unix socket path (it then drains and exits), and serve the path for the next
     /// restart. The first process with the path just binds --listen. [default: off]
@@ -202,6 +209,7 @@ pub struct Config {
     pub demo: bool,
     pub log_format: LogFormat,
     pub takeover: Option<PathBuf>,
+    pub proxy_protocol: bool,
     pub redis: Option<String>,
     pub redis_prefix: String,
     pub redis_required: bool,
@@ -289,6 +297,7 @@ impl ServeArgs {
         self.pin |= file.pin;
         self.no_demo |= file.no_demo;
         self.redis_required |= file.redis_required;
+        self.proxy_protocol |= file.proxy_protocol;
         self.redis_sharded |= file.redis_sharded;
         Ok(self)
     }
@@ -359,6 +368,7 @@ impl ServeArgs {
             demo: !self.no_demo,
             log_format: self.log_format.unwrap_or(LogFormat::Human),
             takeover: self.takeover,
+            proxy_protocol: self.proxy_protocol,
             redis_required: self.redis_required,
             redis_sharded: self.redis_sharded,
             redis_prefix: self.redis_prefix.unwrap_or_else(|| "megasock:".into()),

@@ -19,6 +19,7 @@ pub mod listener;
 pub mod metrics;
 pub mod outbox;
 pub mod plan;
+pub mod proxy_protocol;
 pub mod room_index;
 pub mod server;
 pub mod session;

@@ -62,6 +62,8 @@ pub struct Limits {
     pub close: u32,
     /// While the server drains, the last tick a closing connection may live.
     pub drain_until: Option<u32>,
+    /// Connections start with a PROXY protocol header (`--proxy-protocol`).
+    pub proxy: bool,
 }
 
 /// What a session asks of the server around it while it reads.
@@ -81,6 +83,10 @@ pub trait Host {
     fn http_status(&mut self, status: u16);
     /// A ping went out to a quiet connection.
     fn pinged(&mut self) {}
+    /// The client's address from a PROXY protocol header (None: the proxy's own connection).
+    fn peer(&mut self, addr: Option<std::net::SocketAddr>) {
+        let _ = addr;
+    }
     /// A plain page on the WebSocket listener: the full response, or the error to answer.
     fn page(&mut self, page: Page<'_>) -> Result<Bytes, handshake::Rejection> {
         let _ = page;
@@ -119,6 +125,8 @@ mod bit {
     pub const FIN_SENT: u8 = 1 << 2;
     /// The server drains: an upgrade completed now is closed with 1001 right away.
     pub const DRAINING: u8 = 1 << 3;
+    /// The PROXY protocol header was read (`--proxy-protocol`).
+    pub const PROXIED: u8 = 1 << 4;
 }
 
 /// One connection's protocol state: 16 bytes while idle.

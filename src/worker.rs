@@ -211,6 +211,8 @@ pub struct Worker {
     feeding: u32,
     /// The connection being fed went over `--max-backpressure` (closed once it is back).
     feeding_over_limit: bool,
+    /// Client addresses from PROXY protocol headers (only with `--proxy-protocol`).
+    proxied: std::collections::HashMap<u32, std::net::SocketAddr>,
     tally: Tally,
 }
 
@@ -238,6 +240,7 @@ impl Worker {
             idle: ticks_of(c.idle_timeout),
             close: ticks_of(c.close_timeout),
             drain_until: None,
+            proxy: c.proxy_protocol,
         };
         let per_worker = shared.max_connections / c.workers + 1;
         let started = shared.started;
@@ -270,6 +273,7 @@ impl Worker {
             echoes: FrameBatch::default(),
             feeding: NOBODY,
             feeding_over_limit: false,
+            proxied: std::collections::HashMap::new(),
             tally: Tally::default(),
         })
     }

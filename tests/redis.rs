@@ -422,3 +422,35 @@ fn a_busy_channel_does_not_hold_back_new_rooms() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     pump.join().unwrap();
 }
+
+/// `--proxy-protocol`: the client address from HAProxy's PROXY header (v1 or v2) is the one
+/// megasock reports (here in the stream entries); a connection without the header gets 400.
+#[test]
+fn proxy_protocol_gives_the_real_client_address() {
+    let redis = Redis::start();
+    let a = node(
+        &redis.url(),
+        &["--proxy-protocol", "--redis-stream", "megasock:in"],
+    );
+    // v2: PROXY, TCP over IPv4, 203.0.113.7:4242 -> 10.0.0.1:8080.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v2.extend([
+        0x21, 0x11, 0, 12, 203, 0, 113, 7, 10, 0, 0, 1, 0x10, 0x92, 0x1f, 0x90,
+    ]);
+    let v1 = b"PROXY TCP6 2001:db8::5 2001:db8::1 5555 8080\r\n".to_vec();
+    for (header, text) in [(v2, "via v2"), (v1, "via v1")] {
+        let mut s = TcpStream::connect(a.ws).unwrap();
+        s.write_all(&header).unwrap();
+        let mut c = Client::from_stream(s, "/ws/proxied");
+        c.send_text(text);
+        assert_eq!(c.recv().payload, text.as_bytes());
+    }
+    a.wait_metric("megasock_redis_stream_appended_total", 10, |v| v == 2);
+    let all = redis.raw(&["XRANGE", "megasock:in", "-", "+"]).unwrap();
+    assert!(all.contains("\r\n203.0.113.7:4242\r\n"), "{all}");
+    assert!(all.contains("\r\n[2001:db8::5]:5555\r\n"), "{all}");
+    // No header: refused before the upgrade.
+    let resp = http_exchange(a.ws, upgrade_request("/ws/proxied").as_bytes());
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(resp.contains("PROXY"), "{resp}");
+}

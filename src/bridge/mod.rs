@@ -49,6 +49,7 @@ pub(crate) enum Outgoing {
     Stream {
         room: Arc<str>,
         conn: String,
+        addr: Option<std::net::SocketAddr>,
         ts_ms: u64,
         data: Bytes,
     },
@@ -220,11 +221,18 @@ impl BridgeLink {
     }
 
     /// Appends one client message to the stream (never waits).
-    pub fn append(&self, room: Arc<str>, conn: String, data: &[u8]) {
+    pub fn append(
+        &self,
+        room: Arc<str>,
+        conn: String,
+        addr: Option<std::net::SocketAddr>,
+        data: &[u8],
+    ) {
         self.push(
             Outgoing::Stream {
                 room,
                 conn,
+                addr,
                 ts_ms: now_ns() / 1_000_000,
                 data: Bytes::copy_from_slice(data),
             },

@@ -143,6 +143,7 @@ fn run(
                 Outgoing::Stream {
                     room,
                     conn,
+                    addr,
                     ts_ms,
                     data,
                 } => {
@@ -160,6 +161,8 @@ fn run(
                             .arg(conn)
                             .arg("node")
                             .arg(&node_hex)
+                            .arg("addr")
+                            .arg(addr.map_or(String::new(), |a| a.to_string()))
                             .arg("ts")
                             .arg(ts_ms)
                             .arg("data")

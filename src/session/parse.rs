@@ -140,6 +140,27 @@ impl Session {
         now: u32,
         host: &mut H,
     ) -> usize {
+        if lim.proxy && self.bits & super::bit::PROXIED == 0 {
+            return match crate::proxy_protocol::parse(buf) {
+                crate::proxy_protocol::Header::Incomplete => 0,
+                crate::proxy_protocol::Header::Invalid(reason) => {
+                    self.reject(
+                        handshake::Rejection {
+                            status: 400,
+                            reason,
+                        },
+                        now,
+                        host,
+                    );
+                    buf.len()
+                }
+                crate::proxy_protocol::Header::Complete(n, addr) => {
+                    self.bits |= super::bit::PROXIED;
+                    host.peer(addr);
+                    n + self.consume_request(&mut buf[n..], ib, lim, now, host)
+                }
+            };
+        }
         let from = ib.as_ref().map_or(0, |ib| ib.scanned as usize);
         let Some(end) = head_end(buf, from) else {
             if buf.len() > handshake::MAX_HEAD {

@@ -17,6 +17,7 @@ fn limits() -> Limits {
         idle: 750,
         close: 20,
         drain_until: None,
+        proxy: false,
     }
 }
 

@@ -108,6 +108,7 @@ impl Worker {
         let Some(conn) = self.conns.try_remove(key as usize) else {
             return;
         };
+        self.proxied.remove(&key);
         if let Some(m) = conn.membership() {
             if let Some((moved, position)) = self.rooms.leave(&self.shared.rooms, self.id, m) {
                 self.conns[moved as usize].set_room_position(position);

@@ -98,6 +98,14 @@ impl Worker {
         self.scratch = scratch;
     }
 
+    /// The client's address: from its PROXY header, or the socket's peer.
+    pub(super) fn client_addr(&self, key: u32) -> Option<std::net::SocketAddr> {
+        self.proxied
+            .get(&key)
+            .copied()
+            .or_else(|| self.conns.get(key as usize)?.stream.peer_addr().ok())
+    }
+
     /// A member of a room whose messages would wait behind a full ring: reading it would
     /// only pile up more. Others (echo, rooms with no members behind that ring) go on.
     pub(super) fn publisher_blocked(&self, c: &Connection) -> bool {
@@ -219,7 +227,13 @@ impl Host for Dispatch<'_> {
                 None => "".into(),
             };
             let generation = w.conns[self.key as usize].generation;
-            bridge.append(room, format!("{}-{}-{generation}", w.id, self.key), payload);
+            let addr = w.client_addr(self.key);
+            bridge.append(
+                room,
+                format!("{}-{}-{generation}", w.id, self.key),
+                addr,
+                payload,
+            );
         }
         match membership {
             None => w.echoes.push(out, payload),
@@ -252,6 +266,12 @@ impl Host for Dispatch<'_> {
 
     fn pinged(&mut self) {
         WorkerStats::add(&self.w.stats().pings_sent, 1);
+    }
+
+    fn peer(&mut self, addr: Option<std::net::SocketAddr>) {
+        if let Some(a) = addr {
+            self.w.proxied.insert(self.key, a);
+        }
     }
 
     fn page(&mut self, page: Page<'_>) -> Result<Bytes, Rejection> {
