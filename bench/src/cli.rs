@@ -198,6 +198,10 @@ pub struct BroadcastArgs {
     /// a room across two nodes (e.g. bridged by Redis), publishers on --url
     #[arg(long, value_name = "URL")]
     pub members_url: Option<String>,
+    /// Wait this long once every member is connected, before publishing (time for servers to
+    /// set up cross-node subscriptions, e.g. with --members-url)
+    #[arg(long, default_value = "0s", value_parser = parse_duration_secs)]
+    pub settle: f64,
     /// Messages per publisher
     #[arg(long, default_value_t = 100)]
     pub msgs: u64,

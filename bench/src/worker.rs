@@ -550,6 +550,10 @@ fn broadcast(ctx: &WorkerCtx, a: &BroadcastArgs) -> io::Result<StageResult> {
     let Some(mut r) = ctx.ramp(&mut eng, &mut b, a.subs)? else {
         return finish(ctx, &mut eng, &mut b);
     };
+    if a.settle > 0.0 {
+        // Before the go: every worker settles before any publishes.
+        std::thread::sleep(std::time::Duration::from_secs_f64(a.settle));
+    }
     // Publisher p lives on worker p % workers, as its local connection p / workers.
     let mut notes = Vec::new();
     for p in (ctx.g as u64..a.pubs).step_by(wt) {
