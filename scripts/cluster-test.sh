@@ -309,6 +309,81 @@ redis_part() {
   REDIS_SUMMARY="room across 2 nodes through haproxy and redis, redis killed and restarted: ok"
 }
 
+# --- stream part: every client message in the stream, once -------------------------------
+
+stream_part() {
+  kill -TERM "$HAPROXY_PID" 2>/dev/null || true
+  wait_exit "$HAPROXY_PID" 5 || true
+  start_node s1 --redis "redis://127.0.0.1:$REDIS_PORT" --redis-stream cluster:in
+  start_node s2 --redis "redis://127.0.0.1:$REDIS_PORT" --redis-stream cluster:in
+  start_haproxy s1 s2
+  wait_status UP 10 s1 s2
+  wait_link s1 1
+  wait_link s2 1
+  # 8 members, 2 senders x 40 messages: 80 client messages, each in the stream exactly once.
+  client room --addr "127.0.0.1:$FRONT" --room jobs --members 8 --senders 2 --msgs 40 \
+    --admin "${ADMIN[s1]}" --admin "${ADMIN[s2]}" || fail "room with the stream on"
+  local deadline=$((SECONDS + 10)) len
+  while :; do
+    len=$(redis-cli -p "$REDIS_PORT" xlen cluster:in)
+    [ "$len" = 80 ] && break
+    [ "$SECONDS" -lt "$deadline" ] || fail "the stream holds $len entries, expected 80"
+    sleep 0.1
+  done
+  local dup
+  dup=$(redis-cli -p "$REDIS_PORT" --raw xrange cluster:in - + | grep -E '^s[0-9]+:[0-9]+$' | sort | uniq -d | head -3)
+  [ -z "$dup" ] || fail "entries in the stream twice: $dup"
+  STREAM_SUMMARY="80 client messages through haproxy, 80 stream entries, none twice"
+}
+
+# --- sharded part: Redis Cluster with sharded pub/sub -------------------------------------
+
+sharded_part() {
+  kill -TERM "$HAPROXY_PID" 2>/dev/null || true
+  wait_exit "$HAPROXY_PID" 5 || true
+  local ports=() i p
+  for i in 1 2 3; do
+    p=$(free_port)
+    mkdir -p "$TMP/cluster-$i"
+    (cd "$TMP/cluster-$i" && exec redis-server --port "$p" --bind 127.0.0.1 --save "" \
+      --appendonly no --cluster-enabled yes --cluster-node-timeout 2000 \
+      --cluster-config-file "$TMP/cluster-$i/nodes.conf" </dev/null >"$TMP/cluster-$i/log" 2>&1) &
+    PIDS+=("$!")
+    ports+=("$p")
+  done
+  for p in "${ports[@]}"; do
+    local deadline=$((SECONDS + 10))
+    until redis-cli -p "$p" ping 2>/dev/null | grep -q PONG; do
+      [ "$SECONDS" -lt "$deadline" ] || fail "cluster node $p did not start"
+      sleep 0.05
+    done
+  done
+  redis-cli --cluster create "127.0.0.1:${ports[0]}" "127.0.0.1:${ports[1]}" "127.0.0.1:${ports[2]}" \
+    --cluster-replicas 0 --cluster-yes >"$TMP/cluster-create.log" 2>&1 || fail "redis-cli --cluster create"
+  local deadline=$((SECONDS + 20))
+  until redis-cli -p "${ports[0]}" cluster info | grep -q cluster_state:ok; do
+    [ "$SECONDS" -lt "$deadline" ] || fail "the Redis Cluster never became ok"
+    sleep 0.1
+  done
+  start_node c1 --redis "redis://127.0.0.1:${ports[0]}" --redis-sharded
+  start_node c2 --redis "redis://127.0.0.1:${ports[1]}" --redis-sharded
+  start_haproxy c1 c2
+  wait_status UP 10 c1 c2
+  wait_link c1 1
+  wait_link c2 1
+  client room --addr "127.0.0.1:$FRONT" --room sharded --members 8 --senders 2 --msgs 50 \
+    --admin "${ADMIN[c1]}" --admin "${ADMIN[c2]}" || fail "room across nodes through the cluster"
+  # The room's channel lives on exactly one master: the owner of its slot.
+  local holders=0
+  for p in "${ports[@]}"; do
+    if redis-cli -p "$p" pubsub shardchannels | grep -qx 'megasock:room:sharded'; then
+      holders=$((holders + 1))
+    fi
+  done
+  [ "$holders" = 1 ] || fail "megasock:room:sharded is subscribed on $holders masters, expected 1"
+  SHARDED_SUMMARY="room across 2 nodes through a 3-master Redis Cluster (sharded pub/sub), on 1 shard"
+}
+
 main() {
   [ -x "$BIN" ] || fail "no megasock binary at $BIN (cargo build, or set MEGASOCK_BIN)"
   command -v haproxy >/dev/null || fail "haproxy is not installed (apt-get install haproxy)"
@@ -318,9 +393,13 @@ main() {
   haproxy_part
   command -v redis-server >/dev/null || fail "redis-server is not installed (apt-get install redis-server)"
   redis_part
+  stream_part
+  sharded_part
   log "done in $((SECONDS - start)) s"
   log "haproxy part: $HAPROXY_SUMMARY"
   log "redis part: $REDIS_SUMMARY"
+  log "stream part: $STREAM_SUMMARY"
+  log "sharded part: $SHARDED_SUMMARY"
 }
 
 main "$@"
