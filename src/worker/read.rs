@@ -38,21 +38,15 @@ impl Worker {
         }
         let mut scratch = std::mem::take(&mut self.scratch);
         let mut reads = 0;
-        while let Some(conn) = self.conns.get_mut(key as usize) {
-            let n = match (&conn.stream).read(&mut scratch) {
-                Ok(0) => {
+        loop {
+            let n = match self.read_some(key, &mut scratch) {
+                ReadOutcome::Bytes(n) => n,
+                ReadOutcome::Eof => {
                     self.on_eof(key);
                     break;
                 }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.fail_io(key);
-                    break;
-                }
+                ReadOutcome::Drained | ReadOutcome::Dropped => break,
             };
-            self.tally.bytes_in += n as u64;
             let now = self.now;
             let lim = self.limits;
             self.with_session(key, |s, host| s.receive(&mut scratch[..n], &lim, now, host));
@@ -80,17 +74,9 @@ impl Worker {
             if room == 0 {
                 break; // the rest waits in the kernel; TCP flow control slows the client
             }
-            let n = match (&c.stream).read(&mut scratch[..room]) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.fail_io(key);
-                    break;
-                }
+            let ReadOutcome::Bytes(n) = self.read_some(key, &mut scratch[..room]) else {
+                break; // an EOF waits for the pause to end; an error dropped the connection
             };
-            self.tally.bytes_in += n as u64;
             self.with_session(key, |s, host| {
                 s.receive_held(&scratch[..n], &lim, now, host)
             });
@@ -104,6 +90,28 @@ impl Worker {
             .get(&key)
             .copied()
             .or_else(|| self.conns.get(key as usize)?.stream.peer_addr().ok())
+    }
+
+    /// One read from a connection's socket into `buf`. An I/O error drops the connection.
+    fn read_some(&mut self, key: u32, buf: &mut [u8]) -> ReadOutcome {
+        loop {
+            let Some(c) = self.conns.get(key as usize) else {
+                return ReadOutcome::Dropped;
+            };
+            match (&c.stream).read(buf) {
+                Ok(0) => return ReadOutcome::Eof,
+                Ok(n) => {
+                    self.tally.bytes_in += n as u64;
+                    return ReadOutcome::Bytes(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadOutcome::Drained,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.fail_io(key);
+                    return ReadOutcome::Dropped;
+                }
+            }
+        }
     }
 
     /// A member of a room whose messages would wait behind a full ring: reading it would
@@ -192,6 +200,17 @@ impl Worker {
             self.enqueue(key, chunk);
         }
     }
+}
+
+/// What one read brought.
+enum ReadOutcome {
+    Bytes(usize),
+    /// The peer closed its side.
+    Eof,
+    /// Nothing more now (the next byte brings a new edge).
+    Drained,
+    /// The connection is gone (an I/O error).
+    Dropped,
 }
 
 /// The worker as a session's host, for one connection.
