@@ -254,6 +254,21 @@ haproxy_part() {
 
 # --- redis part (issue 9) ----------------------------------------------------------------
 
+# bridged_pair A B [megasock option...]: the previous balancer goes; nodes A and B (each with
+# the options, which include --redis) come up behind a new HAProxy with their Redis links up.
+bridged_pair() {
+  local a=$1 b=$2
+  shift 2
+  kill -TERM "$HAPROXY_PID" 2>/dev/null || true
+  wait_exit "$HAPROXY_PID" 5 || true
+  start_node "$a" "$@"
+  start_node "$b" "$@"
+  start_haproxy "$a" "$b"
+  wait_status UP 10 "$a" "$b"
+  wait_link "$a" 1
+  wait_link "$b" 1
+}
+
 start_redis() {
   REDIS_PORT=${REDIS_PORT:-$(free_port)}
   redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
@@ -281,15 +296,8 @@ wait_link() {
 
 redis_part() {
   # The HAProxy part's balancer and node go; two Redis-bridged nodes take their place.
-  kill -TERM "$HAPROXY_PID" 2>/dev/null || true
-  wait_exit "$HAPROXY_PID" 5 || true
   start_redis
-  start_node r1 --redis "redis://127.0.0.1:$REDIS_PORT"
-  start_node r2 --redis "redis://127.0.0.1:$REDIS_PORT"
-  start_haproxy r1 r2
-  wait_status UP 10 r1 r2
-  wait_link r1 1
-  wait_link r2 1
+  bridged_pair r1 r2 --redis "redis://127.0.0.1:$REDIS_PORT"
   # 1. One room, members on both nodes through HAProxy: exactly once, in per-sender order.
   client room --addr "127.0.0.1:$FRONT" --room town --members 8 --senders 3 --msgs 100 \
     --admin "${ADMIN[r1]}" --admin "${ADMIN[r2]}" || fail "room across nodes"
@@ -312,14 +320,7 @@ redis_part() {
 # --- stream part: every client message in the stream, once -------------------------------
 
 stream_part() {
-  kill -TERM "$HAPROXY_PID" 2>/dev/null || true
-  wait_exit "$HAPROXY_PID" 5 || true
-  start_node s1 --redis "redis://127.0.0.1:$REDIS_PORT" --redis-stream cluster:in
-  start_node s2 --redis "redis://127.0.0.1:$REDIS_PORT" --redis-stream cluster:in
-  start_haproxy s1 s2
-  wait_status UP 10 s1 s2
-  wait_link s1 1
-  wait_link s2 1
+  bridged_pair s1 s2 --redis "redis://127.0.0.1:$REDIS_PORT" --redis-stream cluster:in
   # 8 members, 2 senders x 40 messages: 80 client messages, each in the stream exactly once.
   client room --addr "127.0.0.1:$FRONT" --room jobs --members 8 --senders 2 --msgs 40 \
     --admin "${ADMIN[s1]}" --admin "${ADMIN[s2]}" || fail "room with the stream on"
@@ -339,11 +340,11 @@ stream_part() {
 # --- sharded part: Redis Cluster with sharded pub/sub -------------------------------------
 
 sharded_part() {
-  kill -TERM "$HAPROXY_PID" 2>/dev/null || true
-  wait_exit "$HAPROXY_PID" 5 || true
   local ports=() i p
   for i in 1 2 3; do
+    # A cluster node also listens on its port + 10000 (the cluster bus): keep both valid.
     p=$(free_port)
+    while [ "$p" -gt 55000 ]; do p=$(free_port); done
     mkdir -p "$TMP/cluster-$i"
     (cd "$TMP/cluster-$i" && exec redis-server --port "$p" --bind 127.0.0.1 --save "" \
       --appendonly no --cluster-enabled yes --cluster-node-timeout 2000 \
@@ -365,12 +366,7 @@ sharded_part() {
     [ "$SECONDS" -lt "$deadline" ] || fail "the Redis Cluster never became ok"
     sleep 0.1
   done
-  start_node c1 --redis "redis://127.0.0.1:${ports[0]}" --redis-sharded
-  start_node c2 --redis "redis://127.0.0.1:${ports[1]}" --redis-sharded
-  start_haproxy c1 c2
-  wait_status UP 10 c1 c2
-  wait_link c1 1
-  wait_link c2 1
+  bridged_pair c1 c2 --redis "redis://127.0.0.1:${ports[0]}" --redis-sharded
   client room --addr "127.0.0.1:$FRONT" --room sharded --members 8 --senders 2 --msgs 50 \
     --admin "${ADMIN[c1]}" --admin "${ADMIN[c2]}" || fail "room across nodes through the cluster"
   # The room's channel lives on exactly one master: the owner of its slot.

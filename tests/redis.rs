@@ -270,7 +270,10 @@ impl RedisCluster {
         std::fs::create_dir_all(&dir).unwrap();
         let mut nodes = Vec::new();
         for i in 0..3 {
-            let port = free_port();
+            // A cluster node also listens on its port + 10000 (the cluster bus).
+            let port = std::iter::repeat_with(free_port)
+                .find(|&p| p <= 55000)
+                .unwrap();
             let child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
