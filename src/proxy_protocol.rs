@@ -5,8 +5,11 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
-/// Longest header accepted (a v1 line is at most 107 bytes; v2 addresses at most 216).
-const MAX: usize = 232;
+/// Longest v1 line (the specification's bound).
+const MAX_V1: usize = 107;
+/// Longest v2 header accepted: the addresses (at most 216 bytes) and TLVs (TLS details, unique
+/// ids, authority...), which are skipped.
+const MAX_V2: usize = 16 + 4096;
 
 /// What the front of a connection holds.
 #[derive(Debug, PartialEq, Eq)]
@@ -21,6 +24,9 @@ pub enum Header {
 }
 
 pub fn parse(buf: &[u8]) -> Header {
+    if buf.starts_with(b"PROXY ") && buf.windows(2).any(|w| w == b"\r\n") {
+        return v1(buf); // a complete v1 line, however short
+    }
     if buf.len() < V2_SIGNATURE.len() {
         let v1 = b"PROXY ".starts_with(&buf[..buf.len().min(6)]);
         let v2 = V2_SIGNATURE.starts_with(buf);
@@ -45,7 +51,7 @@ fn v2(buf: &[u8]) -> Header {
     }
     let (ver_cmd, family) = (buf[12], buf[13]);
     let len = u16::from_be_bytes([buf[14], buf[15]]) as usize;
-    if ver_cmd >> 4 != 2 || 16 + len > MAX {
+    if ver_cmd >> 4 != 2 || 16 + len > MAX_V2 {
         return Header::Invalid("bad PROXY v2 header");
     }
     if buf.len() < 16 + len {
@@ -65,15 +71,16 @@ fn v2(buf: &[u8]) -> Header {
                 u16::from_be_bytes([a[32], a[33]]),
             ))
         }
-        (1, 0) => None, // UNSPEC
+        // UNSPEC, AF_UNIX, or an address family we do not read: keep the socket's own.
+        (1, _) => None,
         _ => return Header::Invalid("bad PROXY v2 header"),
     };
     Header::Complete(16 + len, addr)
 }
 
 fn v1(buf: &[u8]) -> Header {
-    let Some(end) = buf.windows(2).take(MAX).position(|w| w == b"\r\n") else {
-        return if buf.len() >= 107 {
+    let Some(end) = buf.windows(2).take(MAX_V1).position(|w| w == b"\r\n") else {
+        return if buf.len() >= MAX_V1 {
             Header::Invalid("PROXY v1 line too long")
         } else {
             Header::Incomplete

@@ -78,6 +78,7 @@ impl Server {
             sockets: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             handed_over: AtomicBool::new(false),
+            admin_released: AtomicBool::new(false),
             failure: Mutex::new(None),
             started: std::time::Instant::now(),
             metrics: Metrics::new(workers),

@@ -131,6 +131,17 @@ pub fn serve(
                         shared
                             .handed_over
                             .store(true, std::sync::atomic::Ordering::SeqCst);
+                        // Our admin thread lets go of the shared admin socket before we drain,
+                        // so no probe reaching this process answers "draining" meanwhile.
+                        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+                        while with_admin == 1
+                            && !shared
+                                .admin_released
+                                .load(std::sync::atomic::Ordering::SeqCst)
+                            && std::time::Instant::now() < deadline
+                        {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
                         log::info!(
                             "handed {} listening sockets to a new megasock over {}; draining",
                             fds.len(),

@@ -77,6 +77,8 @@ pub struct Shared {
     pub shutdown: AtomicBool,
     /// The listening sockets (and the admin listener) went to a successor (`--takeover`).
     pub handed_over: AtomicBool,
+    /// The admin thread let go of its copy of the admin listener after a handover.
+    pub admin_released: AtomicBool,
     /// Why a worker died, if one did: the others drain and the process exits non-zero.
     pub failure: Mutex<Option<String>>,
     pub metrics: Metrics,

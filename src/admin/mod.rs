@@ -129,13 +129,15 @@ impl Admin {
                 if let Some(mut l) = self.listener.take() {
                     let _ = self.poll.registry().deregister(&mut l);
                 }
+                self.ctx.release_admin();
             }
         }
     }
 
     fn accept(&mut self) {
         loop {
-            let Some(listener) = self.listener.as_ref() else {
+            // After a handover the successor accepts: what waits in the queue is its now.
+            let Some(listener) = self.listener.as_ref().filter(|_| !self.ctx.handed_over()) else {
                 return;
             };
             match listener.accept() {
@@ -264,7 +266,11 @@ impl Admin {
             while c.written < c.output.len() {
                 match c.stream.write(&c.output[c.written..]) {
                     Ok(0) => break,
-                    Ok(n) => c.written += n,
+                    Ok(n) => {
+                        c.written += n;
+                        // A client reading its (pipelined) answers is making progress.
+                        c.deadline = Instant::now() + REQUEST_TIMEOUT;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => {

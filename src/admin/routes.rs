@@ -62,6 +62,11 @@ impl Ctx {
         self.shared.handed_over.load(Relaxed)
     }
 
+    /// Tells the takeover thread that this process stopped accepting admin connections.
+    pub(super) fn release_admin(&self) {
+        self.shared.admin_released.store(true, Relaxed);
+    }
+
     pub(super) fn count(&mut self, status: u16) {
         *self.responses.entry(status).or_default() += 1;
     }

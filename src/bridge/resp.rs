@@ -119,7 +119,7 @@ impl SubConn {
         let rest = url
             .strip_prefix("redis://")
             .ok_or_else(|| io::Error::other(format!("{url}: expected redis://HOST:PORT")))?;
-        let rest = rest.split('/').next().unwrap_or(rest);
+        let rest = rest.split(['/', '?']).next().unwrap_or(rest);
         let (auth, hostport) = match rest.rsplit_once('@') {
             Some((a, h)) => (Some(a), h),
             None => (None, rest),

@@ -91,6 +91,12 @@ pub fn discover(seed: &str, sharded: bool) -> redis::RedisResult<Topology> {
     let client = redis::Client::open(seed)?;
     let mut con = client.get_connection_with_timeout(std::time::Duration::from_secs(2))?;
     let v: Value = redis::cmd("CLUSTER").arg("SLOTS").query(&mut con)?;
+    // The masters take the seed's credentials (`redis://user:pass@host:port`).
+    let auth = seed
+        .strip_prefix("redis://")
+        .and_then(|r| r.split('/').next())
+        .and_then(|r| r.rsplit_once('@'))
+        .map_or(String::new(), |(a, _)| format!("{a}@"));
     let mut ranges = Vec::new();
     if let Value::Array(entries) = v {
         for e in entries {
@@ -107,7 +113,11 @@ pub fn discover(seed: &str, sharded: bool) -> redis::RedisResult<Topology> {
             let Some(Value::Int(port)) = master.get(1) else {
                 continue;
             };
-            ranges.push((*start as u16, *end as u16, format!("redis://{host}:{port}")));
+            ranges.push((
+                *start as u16,
+                *end as u16,
+                format!("redis://{auth}{host}:{port}"),
+            ));
         }
     }
     if ranges.is_empty() {

@@ -161,40 +161,33 @@ impl Session {
                 }
             };
         }
-        let from = ib.as_ref().map_or(0, |ib| ib.scanned as usize);
-        let Some(end) = head_end(buf, from) else {
-            if buf.len() > handshake::MAX_HEAD {
-                self.reject(
-                    handshake::Rejection {
-                        status: 431,
-                        reason: "request head over 8 KiB",
-                    },
-                    now,
-                    host,
-                );
-                return buf.len();
-            }
-            ib.get_or_insert_with(Box::default).scanned = buf.len() as u32;
-            return 0;
+        const TOO_BIG: handshake::Rejection = handshake::Rejection {
+            status: 431,
+            reason: "request head over 8 KiB",
         };
-        match handshake::parse(&buf[..end]) {
-            Upgrade::Incomplete if buf.len() > handshake::MAX_HEAD => {
-                self.reject(
-                    handshake::Rejection {
-                        status: 431,
-                        reason: "request head over 8 KiB",
-                    },
-                    now,
-                    host,
-                );
-                buf.len()
+        let mut from = ib.as_ref().map_or(0, |ib| ib.scanned as usize);
+        // The head's end, as httparse sees it: an end found before the request line is only
+        // blank lines (which it skips, RFC 9112 2.2), so the search goes on past it.
+        let (end, parsed) = loop {
+            let Some(end) = head_end(buf, from) else {
+                if buf.len() > handshake::MAX_HEAD {
+                    self.reject(TOO_BIG, now, host);
+                    return buf.len();
+                }
+                ib.get_or_insert_with(Box::default).scanned = buf.len() as u32;
+                return 0;
+            };
+            match handshake::parse(&buf[..end]) {
+                Upgrade::Incomplete if end > handshake::MAX_HEAD => {
+                    self.reject(TOO_BIG, now, host);
+                    return buf.len();
+                }
+                Upgrade::Incomplete => from = end,
+                parsed => break (end, parsed),
             }
-            Upgrade::Incomplete => {
-                // Our end-of-head guess was early (httparse skips leading blank lines): search
-                // on past it.
-                ib.get_or_insert_with(Box::default).scanned = end as u32;
-                0
-            }
+        };
+        match parsed {
+            Upgrade::Incomplete => unreachable!("searched on above"),
             Upgrade::Reject(r) => {
                 self.reject(r, now, host);
                 buf.len()

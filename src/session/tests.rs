@@ -436,3 +436,24 @@ fn a_paused_publisher_s_ping_behind_a_bad_frame_is_not_answered() {
         assert!(!rec.0.contains(&Ev::Pong(b"after".to_vec())));
     }
 }
+
+#[test]
+fn blank_lines_and_a_request_in_one_read_upgrade_at_once() {
+    for prefix in [&b"\r\n\r\n"[..], b"\n\n", b"\r\n"] {
+        let mut s = Session::new(0);
+        let mut rec = Rec::default();
+        let mut bytes = prefix.to_vec();
+        bytes.extend_from_slice(REQUEST);
+        feed(&mut s, &bytes, &mut rec);
+        assert_eq!(s.phase(), Phase::Open, "{prefix:?}");
+    }
+    // A PROXY v2 header without --proxy-protocol (its signature starts with a blank line)
+    // is a bad request at once, not a wait for the handshake timeout.
+    let mut s = Session::new(0);
+    let mut rec = Rec::default();
+    let mut bytes = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    bytes.extend([203, 0, 113, 7, 10, 0, 0, 1, 0x10, 0x92, 0x1f, 0x90]);
+    bytes.extend_from_slice(REQUEST);
+    feed(&mut s, &bytes, &mut rec);
+    assert_eq!(rec.0.first(), Some(&Ev::Status(400)));
+}
