@@ -300,7 +300,8 @@ redis_part() {
   bridged_pair r1 r2 --redis "redis://127.0.0.1:$REDIS_PORT"
   # 1. One room, members on both nodes through HAProxy: exactly once, in per-sender order.
   client room --addr "127.0.0.1:$FRONT" --room town --members 8 --senders 3 --msgs 100 \
-    --admin "${ADMIN[r1]}" --admin "${ADMIN[r2]}" || fail "room across nodes"
+    --admin "${ADMIN[r1]}" --admin "${ADMIN[r2]}" --redis "127.0.0.1:$REDIS_PORT" ||
+    fail "room across nodes"
   # 2. Redis gone: members on one node still reach each other.
   kill -KILL "$REDIS_PID"
   wait "$REDIS_PID" 2>/dev/null || true
@@ -313,7 +314,8 @@ redis_part() {
   wait_link r1 1
   wait_link r2 1
   client room --addr "127.0.0.1:$FRONT" --room town2 --members 8 --senders 2 --msgs 50 \
-    --admin "${ADMIN[r1]}" --admin "${ADMIN[r2]}" || fail "room across nodes after Redis came back"
+    --admin "${ADMIN[r1]}" --admin "${ADMIN[r2]}" --redis "127.0.0.1:$REDIS_PORT" ||
+    fail "room across nodes after Redis came back"
   REDIS_SUMMARY="room across 2 nodes through haproxy and redis, redis killed and restarted: ok"
 }
 
@@ -323,7 +325,8 @@ stream_part() {
   bridged_pair s1 s2 --redis "redis://127.0.0.1:$REDIS_PORT" --redis-stream cluster:in
   # 8 members, 2 senders x 40 messages: 80 client messages, each in the stream exactly once.
   client room --addr "127.0.0.1:$FRONT" --room jobs --members 8 --senders 2 --msgs 40 \
-    --admin "${ADMIN[s1]}" --admin "${ADMIN[s2]}" || fail "room with the stream on"
+    --admin "${ADMIN[s1]}" --admin "${ADMIN[s2]}" --redis "127.0.0.1:$REDIS_PORT" ||
+    fail "room with the stream on"
   local deadline=$((SECONDS + 10)) len
   while :; do
     len=$(redis-cli -p "$REDIS_PORT" xlen cluster:in)
@@ -368,7 +371,9 @@ sharded_part() {
   done
   bridged_pair c1 c2 --redis "redis://127.0.0.1:${ports[0]}" --redis-sharded
   client room --addr "127.0.0.1:$FRONT" --room sharded --members 8 --senders 2 --msgs 50 \
-    --admin "${ADMIN[c1]}" --admin "${ADMIN[c2]}" || fail "room across nodes through the cluster"
+    --admin "${ADMIN[c1]}" --admin "${ADMIN[c2]}" --sharded \
+    --redis "127.0.0.1:${ports[0]}" --redis "127.0.0.1:${ports[1]}" --redis "127.0.0.1:${ports[2]}" ||
+    fail "room across nodes through the cluster"
   # The room's channel lives on exactly one master: the owner of its slot.
   local holders=0
   for p in "${ports[@]}"; do

@@ -435,6 +435,23 @@ def cmd_haproxy_stat(args):
 # --- room: one room across nodes (the Redis bridge) ----------------------------------------
 
 
+def redis_numsub(addr, verb, channel):
+    """Subscribers of `channel` on one Redis server (PUBSUB NUMSUB or SHARDNUMSUB)."""
+    args = [b"PUBSUB", verb.encode(), channel.encode()]
+    req = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+    with socket.create_connection(split_addr(addr), timeout=2) as s:
+        s.sendall(req)
+        buf = b""
+        while buf.count(b"\r\n") < 4:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+    # *2 / $len / channel / :count
+    lines = buf.split(b"\r\n")
+    return int(lines[3][1:]) if len(lines) > 3 and lines[3].startswith(b":") else 0
+
+
 def cmd_room(args):
     """Members of one room (through the balancer, or straight to a node) each receive every
     message of every sender exactly once, in per-sender order."""
@@ -450,6 +467,19 @@ def cmd_room(args):
             time.sleep(0.05)
     if errors:
         fail(errors)
+    # Every node must have subscribed to the room's channel before anything is published
+    # (across nodes delivery is at most once: a node hears a room from its SUBSCRIBE on).
+    if args.redis:
+        channel = f"megasock:room:{args.room}"
+        verb = "SHARDNUMSUB" if args.sharded else "NUMSUB"
+        deadline = time.time() + 10
+        while True:
+            n = sum(redis_numsub(addr, verb, channel) for addr in args.redis)
+            if n >= len(args.admin):
+                break
+            if time.time() > deadline:
+                fail([f"{channel}: {n} subscribers after 10 s, expected {len(args.admin)}"])
+            time.sleep(0.02)
     senders = members[: args.senders]
     for m in range(args.msgs):
         for si, s in enumerate(senders):
@@ -510,6 +540,8 @@ def main():
     r.add_argument("--senders", type=int, default=2)
     r.add_argument("--msgs", type=int, default=50)
     r.add_argument("--admin", action="append", default=[], help="nodes that must hold members")
+    r.add_argument("--redis", action="append", default=[], help="HOST:PORT: wait for the nodes' subscriptions")
+    r.add_argument("--sharded", action="store_true", help="count shard channel subscriptions")
     h = sub.add_parser("haproxy-stat")
     h.add_argument("--socket", required=True)
     args = p.parse_args()
