@@ -54,7 +54,7 @@ ports=$((hi - lo))
 [ $((ports * addrs)) -ge "$conns" ] ||
   short+=("ephemeral ports: $ports x $addrs source addresses < $conns (widen net.ipv4.ip_local_port_range)")
 syn=$(cat /proc/sys/net/ipv4/tcp_max_syn_backlog)
-[ "$syn" -ge 65536 ] || short+=("net.ipv4.tcp_max_syn_backlog $syn < 65536 (connects stall and reset past ~50,000 here)")
+[ "$syn" -ge 65535 ] || short+=("net.ipv4.tcp_max_syn_backlog $syn < 65535 (connects stall and reset past ~50,000 here)")
 watches=$(cat /proc/sys/fs/epoll/max_user_watches)
 [ "$watches" -ge $((conns * 2)) ] || short+=("fs.epoll.max_user_watches $watches < $((conns * 2))")
 if [ "${#short[@]}" -gt 0 ]; then
