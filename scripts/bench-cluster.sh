@@ -20,18 +20,10 @@ bench=target/release/megasock-bench
 out="bench/results/cluster-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$out"
 
-pids=()
+# shellcheck source=scripts/lib/pids.sh
+. scripts/lib/pids.sh
 declare -A WS=()
-stop_all() {
-  local p
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do
-    for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-  done
-  pids=()
-}
+stop_all() { stop_pids 5; }
 trap stop_all EXIT
 
 free_port() {

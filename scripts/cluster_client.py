@@ -38,6 +38,16 @@ class WsError(Exception):
     """What went wrong, in words for the failure list."""
 
 
+def recv_all(sock):
+    """Everything the peer sends until it closes."""
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
 def split_addr(addr):
     host, port = addr.rsplit(":", 1)
     return host, int(port)
@@ -168,12 +178,7 @@ def http_get(addr, path, timeout=5.0):
     """(status, body) of one GET with Connection: close."""
     with socket.create_connection(split_addr(addr), timeout=timeout) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = recv_all(s)
     head, _, body = data.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     return status, body.decode("utf-8", "replace")
@@ -412,12 +417,7 @@ def cmd_haproxy_stat(args):
         s.settimeout(5)
         s.connect(args.socket)
         s.sendall(b"show stat\n")
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = recv_all(s)
     lines = data.decode().splitlines()
     if not lines or not lines[0].startswith("# "):
         fail([f"show stat: unexpected answer {data[:200]!r}"])

@@ -76,16 +76,9 @@ bin=target/release/megasock
 bench=target/release/megasock-bench
 out="bench/results/million-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$out"
-pids=()
-cleanup() {
-  local p
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do
-    for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-  done
-}
+# shellcheck source=scripts/lib/pids.sh
+. scripts/lib/pids.sh
+cleanup() { stop_pids 10; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 

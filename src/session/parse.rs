@@ -187,7 +187,8 @@ impl Session {
             }
         };
         match parsed {
-            Upgrade::Incomplete => unreachable!("searched on above"),
+            // The loop above only stops on a verdict; were it not to, waiting is harmless.
+            Upgrade::Incomplete => 0,
             Upgrade::Reject(r) => {
                 self.reject(r, now, host);
                 buf.len()
