@@ -235,6 +235,8 @@ fn connect(ctx: &WorkerCtx, a: &ConnectArgs) -> io::Result<StageResult> {
     }
     // Drops during the hold join the connect figures.
     clock.end(&mut eng, &mut r, mono_ns());
+    r.pings_answered = eng.pings_answered;
+    r.conns_ponged = eng.conns_ponged;
     ctx.send(RunnerMsg::Done(0, Box::new(r)));
     finish(ctx, &mut eng, &mut b)
 }
@@ -551,9 +553,19 @@ fn broadcast(ctx: &WorkerCtx, a: &BroadcastArgs) -> io::Result<StageResult> {
         return finish(ctx, &mut eng, &mut b);
     };
     if a.settle > 0.0 {
-        // Before the go: every worker settles before any publishes.
-        std::thread::sleep(std::time::Duration::from_secs_f64(a.settle));
+        // Before the go: every worker settles before any publishes, still answering the
+        // server's pings (a hold long enough for a ping interval checks every connection).
+        let end = mono_ns() + (a.settle * 1e9) as u64;
+        loop {
+            let now = mono_ns();
+            if now >= end || eng.cmd() == STOP {
+                break;
+            }
+            eng.turn(&mut b, Duration::from_nanos(end - now).min(TICK))?;
+        }
     }
+    r.pings_answered = eng.pings_answered;
+    r.conns_ponged = eng.conns_ponged;
     // Publisher p lives on worker p % workers, as its local connection p / workers.
     let mut notes = Vec::new();
     for p in (ctx.g as u64..a.pubs).step_by(wt) {
