@@ -47,8 +47,9 @@ def scrape(admins):
     """Sums the counters that say how connections ended, over every server."""
     wanted = re.compile(
         r"^(megasock_(disconnects_total|http_responses_total|accept_errors_total|pings_sent_total|"
-        r"accepted_total|connections|messages_dropped_total|handshakes_total)[^ ]*) ([0-9.e+]+)$")
-    total, reached = {}, 0
+        r"accepted_total|connections|messages_dropped_total|handshakes_total|publisher_pauses_total|"
+        r"bus_overflowed_total|redis_[a-z_]*total)[^ ]*) ([0-9.e+]+)$")
+    total, reached, per_server = {}, 0, []
     for a in admins:
         try:
             with urllib.request.urlopen(f"http://{a}/metrics", timeout=10) as r:
@@ -57,12 +58,16 @@ def scrape(admins):
             print(f"million: cannot scrape {a}: {e}", file=sys.stderr)
             continue
         reached += 1
+        mine = {}
         for line in text.splitlines():
             m = wanted.match(line)
             if m:
                 total[m.group(1)] = total.get(m.group(1), 0) + float(m.group(3))
+                mine[m.group(1)] = int(float(m.group(3)))
+        per_server.append({"admin": a, **{k: v for k, v in mine.items() if v}})
     return {"servers_scraped": reached, "servers": len(admins),
-            "metrics": {k: int(v) for k, v in sorted(total.items()) if v}}
+            "metrics": {k: int(v) for k, v in sorted(total.items()) if v},
+            "per_server": per_server}
 
 
 def load(path, default=None):
@@ -171,7 +176,8 @@ def report(out):
     if projection:
         print(f"million: 2,000,000 would need about {projection['server_rss_gib']:.2f} GiB server "
               f"RSS + {projection['kernel_slab_server_end_gib']:.1f} GiB kernel slab (server end), "
-              f"{projection['hold_cpu_cores_with_pings']:.2f} cores while idle")
+              f"{projection['hold_cpu_cores_with_pings']:.2f} cores while idle "
+              f"(pings every {run.get('ping_interval_s')} s)")
     for p in bench.get("problems", []):
         print(f"million: problem: {p}")
     print(f"million: report {os.path.join(out, 'report.json')}")

@@ -388,6 +388,7 @@ fn server_figures(
                 "cpu_cores": cores,
                 "pings_answered": r.pings_answered,
                 "connections_that_answered_a_ping": r.conns_ponged,
+                "note": "pings counted while held; connections counted over the whole run",
                 "cpu_us_per_ping": (r.pings_answered > 0)
                     .then(|| cpu_ns as f64 / 1e3 / r.pings_answered as f64),
             });
@@ -491,6 +492,16 @@ pub fn broadcast(sc: &Scenario, a: &BroadcastArgs, plan: &Plan, out: &RunOutcome
     }
     server_figures(&mut m, &mut s, sc, out, st, r);
     m.insert("timeline".into(), json!(out.timeline));
+    m.insert(
+        "loadgen_longest_busy_ms".into(),
+        json!({"run": r.max_turn_gap_ns as f64 / 1e6, "closing": out.closing.max_turn_gap_ns as f64 / 1e6}),
+    );
+    let _ = writeln!(
+        s,
+        "  load generator: longest span without polling {:.0} ms while running, {:.0} ms while closing",
+        r.max_turn_gap_ns as f64 / 1e6,
+        out.closing.max_turn_gap_ns as f64 / 1e6
+    );
     for (what, n) in [
         ("lost", r.lost),
         ("duplicated", r.duplicated),
