@@ -96,7 +96,6 @@ def report(out):
     rss_b = server.get("rss_per_conn_bytes")
     slab_b = server.get("kernel_slab_per_conn_bytes")
     tcp_b = server.get("kernel_tcp_mem_per_conn_bytes")
-    loadgen_b = bench.get("loadgen", {}).get("rss_per_conn_bytes")
     projection = None
     if rss_b is not None and slab_b is not None:
         # What 2,000,000 would take on this box, from the per-connection figures measured here
@@ -107,10 +106,11 @@ def report(out):
             "server_rss_gib": n * rss_b / 2**30,
             "kernel_slab_both_ends_gib": n * slab_b / 2**30,
             "kernel_slab_server_end_gib": n * slab_b / 2 / 2**30,
-            "loadgen_rss_gib": n * (loadgen_b or 0) / 2**30,
-            "server_processes_at_this_fd_cap": -(-n // run.get("per_process", 18000)),
+            # At this per-process fd cap, each process planned 92 % full (SO_REUSEPORT's
+            # hash spreads connections unevenly).
+            "server_processes_at_this_fd_cap": -(-n * 100 // (run.get("per_process", 18000) * 92)),
             "ephemeral_ports_needed": n,
-            "source_addresses_needed": -(-n // 25000),
+            "source_addresses_needed_loopback": -(-n // 10000),
             "hold_cpu_cores_with_pings": (hold.get("cpu_cores", 0) * n / max(opened, 1)),
         }
 
@@ -137,7 +137,6 @@ def report(out):
         "server_rss_per_conn_bytes": rss_b,
         "kernel_slab_per_conn_bytes_both_ends": slab_b,
         "kernel_tcp_mem_per_conn_bytes_both_ends": tcp_b,
-        "loadgen_rss_per_conn_bytes": loadgen_b,
         "hold": hold,
         "ping_interval_s": run.get("ping_interval_s"),
         "servers": servers,
