@@ -25,6 +25,7 @@ pub mod server;
 pub mod session;
 pub mod takeover;
 pub mod timer_wheel;
+pub mod tls;
 pub mod worker;
 
 pub use config::{Config, ServeArgs};
