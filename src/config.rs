@@ -42,9 +42,25 @@ pub struct ServeArgs {
     #[serde(skip)]
     pub config: Option<PathBuf>,
 
-    /// Address to listen on; repeat for several. [default: 0.0.0.0:8080]
+    /// Address to listen on; repeat for several. With --tls-cert and no --tls-listen these
+    /// serve wss:// instead of ws://. [default: 0.0.0.0:8080 unless --tls-listen is given]
     #[arg(long, value_name = "ADDR")]
     pub listen: Vec<SocketAddr>,
+
+    /// Address serving wss:// (TLS) beside the plain --listen ones; repeat for several.
+    /// Needs --tls-cert and --tls-key. [default: none]
+    #[arg(long, value_name = "ADDR")]
+    pub tls_listen: Vec<SocketAddr>,
+
+    /// Certificate chain for wss:// (PEM: the server's certificate first, then its
+    /// intermediates). Read at start; SIGHUP (with --takeover) starts a process that reads it
+    /// again. [default: none, plain ws:// only]
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1). [default: none]
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 
     /// Worker threads, each with its own event loop and SO_REUSEPORT listener.
     /// [default: one per available core]
@@ -188,7 +204,12 @@ pub struct ServeArgs {
 /// The resolved configuration the server runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Plain (ws://) addresses.
     pub listen: Vec<SocketAddr>,
+    /// TLS (wss://) addresses; non-empty exactly when `tls` is set.
+    pub tls_listen: Vec<SocketAddr>,
+    /// `--tls-cert` and `--tls-key`.
+    pub tls: Option<TlsFiles>,
     pub workers: usize,
     pub pin: bool,
     pub backlog: u32,
@@ -218,6 +239,13 @@ pub struct Config {
     pub redis_stream_maxlen: u64,
     pub redis_queue: usize,
     pub ready_file: Option<PathBuf>,
+}
+
+/// The certificate chain and key files for wss://.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Default for Config {
@@ -289,10 +317,15 @@ impl ServeArgs {
             redis_stream,
             redis_stream_maxlen,
             redis_queue,
-            ready_file
+            ready_file,
+            tls_cert,
+            tls_key
         );
         if self.listen.is_empty() {
             self.listen = file.listen;
+        }
+        if self.tls_listen.is_empty() {
+            self.tls_listen = file.tls_listen;
         }
         self.pin |= file.pin;
         self.no_demo |= file.no_demo;
@@ -304,10 +337,37 @@ impl ServeArgs {
 
     /// Applies defaults and checks ranges.
     pub fn resolve(self) -> Result<Config, ConfigError> {
-        let listen = if self.listen.is_empty() {
+        let mut listen = if self.listen.is_empty() && self.tls_listen.is_empty() {
             vec![SocketAddr::from(([0, 0, 0, 0], 8080))]
         } else {
             self.listen
+        };
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (cert, _) => {
+                return Err(err(
+                    if cert.is_some() {
+                        "tls-cert"
+                    } else {
+                        "tls-key"
+                    },
+                    "--tls-cert and --tls-key go together: give the certificate chain and its \
+                     private key",
+                ))
+            }
+        };
+        let tls_listen = match (&tls, self.tls_listen.is_empty()) {
+            (None, false) => {
+                return Err(err(
+                    "tls-listen",
+                    "wss:// needs a certificate: add --tls-cert FILE --tls-key FILE",
+                ))
+            }
+            (None, true) => Vec::new(),
+            // The certificate applies to --listen when no --tls-listen says where.
+            (Some(_), true) => std::mem::take(&mut listen),
+            (Some(_), false) => self.tls_listen,
         };
         let workers = match self.workers {
             Some(0) => return Err(err("workers", "must be at least 1")),
@@ -350,6 +410,8 @@ impl ServeArgs {
         }
         Ok(Config {
             listen,
+            tls_listen,
+            tls,
             workers,
             pin: self.pin,
             backlog,
@@ -522,6 +584,63 @@ mod tests {
         assert_eq!(cfg.max_message_size, 1 << 20);
         assert_eq!(cfg.idle_timeout, Duration::from_secs(20));
         assert_eq!(cfg.backlog, 4096);
+    }
+
+    #[test]
+    fn tls_applies_to_listen_unless_tls_listen_says_where() {
+        let a: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let files = |args: ServeArgs| ServeArgs {
+            tls_cert: Some("c.pem".into()),
+            tls_key: Some("k.pem".into()),
+            ..args
+        };
+        let all = files(ServeArgs {
+            listen: vec![a],
+            ..Default::default()
+        })
+        .resolve()
+        .unwrap();
+        assert_eq!((all.listen.len(), all.tls_listen.clone()), (0, vec![a]));
+        let both = files(ServeArgs {
+            listen: vec![b],
+            tls_listen: vec![a],
+            ..Default::default()
+        })
+        .resolve()
+        .unwrap();
+        assert_eq!((both.listen, both.tls_listen), (vec![b], vec![a]));
+        let only_tls = files(ServeArgs {
+            tls_listen: vec![a],
+            ..Default::default()
+        })
+        .resolve()
+        .unwrap();
+        assert!(
+            only_tls.listen.is_empty(),
+            "no default plain port beside --tls-listen"
+        );
+        let e = ServeArgs {
+            tls_cert: Some("c.pem".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--tls-cert and --tls-key go together"),
+            "{e}"
+        );
+        let e = ServeArgs {
+            tls_listen: vec![a],
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("--tls-cert FILE --tls-key FILE"),
+            "{e}"
+        );
     }
 
     #[test]

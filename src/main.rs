@@ -116,7 +116,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
             let mut seen = 0;
             for sig in signals.forever() {
                 if sig == signal_hook::consts::SIGHUP {
-                    reload(&shared.config);
+                    reload(&shared);
                     continue;
                 }
                 seen += 1;
@@ -137,16 +137,30 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// SIGHUP: start a new megasock (the same binary and arguments, so an upgraded binary and a
-/// changed config file take effect) that takes over the listening sockets through `--takeover`;
-/// this process then drains and exits. Without `--takeover` there is no way to hand over
-/// without refusing connects, so the signal is refused with a message.
-fn reload(config: &megasock::Config) {
+/// SIGHUP: first the TLS certificate and key are read again (new handshakes present the new
+/// certificate; open connections keep theirs; bad files leave the current one in use). Then,
+/// with `--takeover`, a new megasock starts (the same binary and arguments, so an upgraded
+/// binary and a changed config file take effect) and takes over the listening sockets; this
+/// process then drains and exits. Without `--takeover` there is no way to hand over without
+/// refusing connects, so only the certificate is reloaded.
+fn reload(shared: &megasock::worker::Shared) {
+    let config = &shared.config;
+    if let Some(tls) = &shared.tls {
+        match tls.certs.reload() {
+            Ok(what) => log::info!(
+                "SIGHUP: TLS certificate reloaded: {what}; new handshakes use it, open \
+                 connections are untouched"
+            ),
+            Err(e) => log::error!("SIGHUP: {e}; still serving the previous certificate"),
+        }
+    }
     let Some(path) = &config.takeover else {
-        log::warn!(
-            "SIGHUP: reloading needs --takeover PATH (a Unix socket path, e.g. \
-             /run/megasock/takeover.sock); ignored"
-        );
+        if shared.tls.is_none() {
+            log::warn!(
+                "SIGHUP: restarting needs --takeover PATH (a Unix socket path, e.g. \
+                 /run/megasock/takeover.sock); ignored"
+            );
+        }
         return;
     };
     let exe = match std::env::current_exe() {

@@ -44,10 +44,12 @@ pub enum Disconnect {
     Shutdown,
     /// A plain HTTP page was served (`GET /`, `GET /rooms/{room}`), then the socket closed.
     PageServed,
+    /// The TLS handshake failed (not TLS, no shared version or cipher, a bad record).
+    TlsHandshakeFailed,
 }
 
 impl Disconnect {
-    pub const ALL: [Disconnect; 13] = [
+    pub const ALL: [Disconnect; 14] = [
         Disconnect::ClientClose,
         Disconnect::PeerGone,
         Disconnect::IoError,
@@ -61,6 +63,7 @@ impl Disconnect {
         Disconnect::OverCapacity,
         Disconnect::Shutdown,
         Disconnect::PageServed,
+        Disconnect::TlsHandshakeFailed,
     ];
 
     pub fn label(self) -> &'static str {
@@ -78,6 +81,7 @@ impl Disconnect {
             Disconnect::OverCapacity => "over_capacity",
             Disconnect::Shutdown => "shutdown",
             Disconnect::PageServed => "http_page_served",
+            Disconnect::TlsHandshakeFailed => "tls_handshake_failed",
         }
     }
 }
@@ -122,6 +126,8 @@ pub struct WorkerStats {
     pub accepted: AtomicU64,
     pub accept_errors: AtomicU64,
     pub handshakes: AtomicU64,
+    /// TLS handshakes completed (wss:// listeners).
+    pub tls_handshakes: AtomicU64,
     pub messages_in: AtomicU64,
     pub bytes_in: AtomicU64,
     /// Frames handed to the kernel (one per recipient per message).
@@ -286,7 +292,7 @@ impl Metrics {
             "megasock_delivery_latency_seconds_count {}",
             self.sum(|w| &w.latency_count)
         );
-        let counters: [(&str, &str, Field); 14] = [
+        let counters: [(&str, &str, Field); 15] = [
             ("accepted_total", "Sockets accepted.", |w| &w.accepted),
             (
                 "accept_errors_total",
@@ -296,6 +302,11 @@ impl Metrics {
             ("handshakes_total", "Completed WebSocket upgrades.", |w| {
                 &w.handshakes
             }),
+            (
+                "tls_handshakes_total",
+                "Completed TLS handshakes (failures: megasock_disconnects_total{reason=\"tls_handshake_failed\"}).",
+                |w| &w.tls_handshakes,
+            ),
             ("messages_received_total", "Messages received.", |w| {
                 &w.messages_in
             }),

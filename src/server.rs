@@ -19,6 +19,8 @@ pub struct Server {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<io::Result<()>>>,
     addrs: Vec<SocketAddr>,
+    /// Those of `addrs` that serve wss://.
+    tls_addrs: Vec<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
 }
 
@@ -41,21 +43,57 @@ impl Server {
             );
         }
 
+        // Certificate problems stop the start here, before any socket is taken or bound.
+        let tls_config = match &config.tls {
+            Some(files) => Some(
+                crate::tls::load(files)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+            ),
+            None => None,
+        };
         let mut inherited = match &config.takeover {
             Some(path) => crate::takeover::take(path)?,
             None => None,
         };
-        let (listeners, addrs) = match inherited.as_mut() {
+        let (listeners, addrs, tls_addrs) = match inherited.as_mut() {
             Some(i) => {
                 let taken = std::mem::take(&mut i.listeners);
                 log::info!(
                     "took over {} listening sockets from the running megasock",
                     taken.len()
                 );
-                crate::listener::adopt(taken, workers, config.backlog)?
+                let (l, addrs) = crate::listener::adopt(taken, workers, config.backlog)?;
+                // The predecessor says which of its sockets served TLS; without TLS
+                // configured here they serve plain, as configured.
+                let said = i.tls_addrs.take();
+                let tls: Vec<SocketAddr> = addrs
+                    .iter()
+                    .copied()
+                    .filter(|&a| match &said {
+                        _ if config.tls.is_none() => false,
+                        Some(list) => list.contains(&a),
+                        None => crate::tls::is_tls_addr(&config.tls_listen, a),
+                    })
+                    .collect();
+                (l, addrs, tls)
             }
-            None => crate::listener::bind_all(&config.listen, workers, config.backlog)?,
+            None => {
+                let (mut l, mut addrs) =
+                    crate::listener::bind_all(&config.listen, workers, config.backlog)?;
+                let (tls_l, tls) =
+                    crate::listener::bind_all(&config.tls_listen, workers, config.backlog)?;
+                for (mine, more) in l.iter_mut().zip(tls_l) {
+                    mine.extend(more);
+                }
+                addrs.extend(&tls);
+                (l, addrs, tls)
+            }
         };
+        let tls = tls_config.map(|t| crate::tls::Listeners {
+            config: t.config,
+            certs: t.certs,
+            addrs: tls_addrs.clone(),
+        });
         let listener_fds: Vec<std::os::fd::RawFd> = listeners
             .iter()
             .flatten()
@@ -85,6 +123,7 @@ impl Server {
             rooms,
             bridge: bridge_link,
             wakeups,
+            tls,
             config,
         });
 
@@ -141,7 +180,11 @@ impl Server {
              max-backpressure {} B ({:?}) | handshake {:?} ping {:?} idle {:?} drain {:?} | \
              RLIMIT_NOFILE {} (was {}, hard {}){}",
             env!("CARGO_PKG_VERSION"),
-            addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
+            addrs
+                .iter()
+                .map(|a| format!("{}://{a}", if tls_addrs.contains(a) { "wss" } else { "ws" }))
+                .collect::<Vec<_>>()
+                .join(", "),
             workers,
             if cores.is_empty() { "" } else { " pinned" },
             max_connections,
@@ -168,6 +211,7 @@ impl Server {
             shared,
             threads,
             addrs,
+            tls_addrs,
             metrics_addr,
         };
         if let Some(path) = server.shared.config.ready_file.clone() {
@@ -179,7 +223,12 @@ impl Server {
     fn write_ready_file(&self, path: &Path) -> io::Result<()> {
         let mut text = format!("pid={}\n", std::process::id());
         for a in &self.addrs {
-            text.push_str(&format!("ws={a}\n"));
+            let scheme = if self.tls_addrs.contains(a) {
+                "wss"
+            } else {
+                "ws"
+            };
+            text.push_str(&format!("{scheme}={a}\n"));
         }
         if let Some(m) = self.metrics_addr {
             text.push_str(&format!("metrics={m}\nadmin={m}\n"));
@@ -193,6 +242,11 @@ impl Server {
     /// The WebSocket addresses actually bound (port 0 resolved).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// The addresses (of `local_addrs`) that serve wss://.
+    pub fn tls_addrs(&self) -> &[SocketAddr] {
+        &self.tls_addrs
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {

@@ -11,6 +11,8 @@
 //! 1. The successor connects; the running process sends `megasock-takeover 1 N A\n` with its
 //!    N sockets attached: its listeners, then its admin listener if A is 1 (so a fixed
 //!    `--admin` port carries over too; the old process stops accepting on it once done).
+//!    A process with wss:// listeners adds ` tls=ADDR,ADDR` (which of the listeners serve
+//!    TLS: with port 0 the addresses asked for cannot tell a plain from a TLS socket).
 //! 2. The successor starts its workers on them (binding more on the same port if it has more
 //!    workers), then answers `ready\n`.
 //! 3. The old process drains (close 1001 to its clients, `--drain-timeout`) and exits; the
@@ -39,6 +41,8 @@ pub struct Inherited {
     pub listeners: Vec<(SocketAddr, TcpListener)>,
     /// Its admin listener, if it had one (taken over too, so a fixed admin port carries over).
     pub admin: Option<TcpListener>,
+    /// Which listeners served wss:// in the predecessor (`None`: it did not say).
+    pub tls_addrs: Option<Vec<SocketAddr>>,
     predecessor: UnixStream,
 }
 
@@ -55,7 +59,7 @@ pub fn take(path: &Path) -> io::Result<Option<Inherited>> {
         Err(e) => return Err(context(path, e)),
     };
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut buf = [0u8; 128];
+    let mut buf = [0u8; 4096];
     let mut fds: Vec<RawFd> = vec![-1; MAX_FDS];
     let (n, nfds) = stream
         .recv_with_fd(&mut buf, &mut fds)
@@ -67,10 +71,21 @@ pub fn take(path: &Path) -> io::Result<Option<Inherited>> {
         .map(|&fd| unsafe { TcpListener::from_raw_fd(fd) })
         .collect();
     let text = String::from_utf8_lossy(&buf[..n]);
-    // `HEADER N A`: N sockets, the last of them the admin listener if A is 1.
-    let fields: Vec<&str> = text
+    // `HEADER N A [tls=ADDR,...]`: N sockets, the last of them the admin listener if A is 1.
+    let mut fields: Vec<&str> = text
         .strip_prefix(HEADER)
         .map_or(Vec::new(), |r| r.split_whitespace().collect());
+    let tls_addrs = match fields.last().and_then(|f| f.strip_prefix("tls=")) {
+        Some(list) => {
+            let addrs = list
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<Vec<SocketAddr>, _>>();
+            fields.pop();
+            addrs.ok()
+        }
+        None => None,
+    };
     let with_admin = match fields.as_slice() {
         [n, a] if *n == nfds.to_string() && (*a == "0" || *a == "1") => *a == "1",
         _ => {
@@ -92,6 +107,7 @@ pub fn take(path: &Path) -> io::Result<Option<Inherited>> {
     Ok(Some(Inherited {
         listeners,
         admin,
+        tls_addrs,
         predecessor: stream,
     }))
 }
@@ -113,6 +129,9 @@ pub fn serve(
 ) -> io::Result<()> {
     let with_admin = admin.is_some() as u8;
     let fds: Vec<RawFd> = listeners.into_iter().chain(admin).collect();
+    let tls: Vec<String> = shared.tls.as_ref().map_or(Vec::new(), |t| {
+        t.addrs.iter().map(|a| a.to_string()).collect()
+    });
     let _ = std::fs::remove_file(&path); // our predecessor's, now ours
     let listener = UnixListener::bind(&path).map_err(|e| {
         let hint = match e.kind() {
@@ -126,7 +145,7 @@ pub fn serve(
         .name("megasock-takeover".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                match hand_over(&stream, &fds, with_admin) {
+                match hand_over(&stream, &fds, with_admin, &tls) {
                     Ok(()) => {
                         shared
                             .handed_over
@@ -160,8 +179,13 @@ pub fn serve(
     Ok(())
 }
 
-fn hand_over(stream: &UnixStream, fds: &[RawFd], with_admin: u8) -> io::Result<()> {
-    let header = format!("{HEADER} {} {with_admin}\n", fds.len());
+fn hand_over(stream: &UnixStream, fds: &[RawFd], with_admin: u8, tls: &[String]) -> io::Result<()> {
+    let tls = if tls.is_empty() {
+        String::new()
+    } else {
+        format!(" tls={}", tls.join(","))
+    };
+    let header = format!("{HEADER} {} {with_admin}{tls}\n", fds.len());
     stream.send_with_fd(header.as_bytes(), fds)?;
     // The successor has the sockets; it answers once its workers accept from them.
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;

@@ -26,9 +26,16 @@ use std::io::{self, IoSlice, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use std::sync::RwLock;
+
+use rustls::server::{
+    ClientHello, ResolvesServerCert, ServerConnectionData, UnbufferedServerConnection,
+};
+use rustls::sign::CertifiedKey;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncodeTlsData, EncryptError};
 use rustls::ServerConfig;
+
+pub use crate::config::TlsFiles;
 
 /// Plaintext encrypted per write: up to four full records, so a backlog of small frames goes
 /// out in few records and one syscall (uWebSockets corks 16 KiB the same way).
@@ -430,6 +437,30 @@ impl<S: Write> Write for Sealer<'_, S> {
 
 // ---- configuration ---------------------------------------------------------------------------
 
+/// The listening addresses that serve wss://, and their configuration.
+pub struct Listeners {
+    pub config: Arc<ServerConfig>,
+    /// What SIGHUP reloads.
+    pub certs: Arc<Certificates>,
+    /// Bound addresses (port 0 resolved).
+    pub addrs: Vec<std::net::SocketAddr>,
+}
+
+impl Listeners {
+    /// The configuration for connections accepted on `addr`, if it serves TLS.
+    pub fn config_for(&self, addr: std::net::SocketAddr) -> Option<Arc<ServerConfig>> {
+        self.addrs.contains(&addr).then(|| self.config.clone())
+    }
+}
+
+/// Whether a socket inherited through `--takeover` (bound at `bound`) is one of the TLS
+/// addresses asked for: the same address, or the same IP where port 0 was asked for.
+pub fn is_tls_addr(asked: &[std::net::SocketAddr], bound: std::net::SocketAddr) -> bool {
+    asked
+        .iter()
+        .any(|a| *a == bound || (a.port() == 0 && a.ip() == bound.ip()))
+}
+
 /// A certificate or key that cannot serve: what is wrong and what to do, naming the file.
 #[derive(Debug)]
 pub struct LoadError(pub String);
@@ -442,17 +473,78 @@ impl std::fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
+/// The server's TLS configuration and the certificate it presents, which SIGHUP can replace.
+pub struct Tls {
+    pub config: Arc<ServerConfig>,
+    pub certs: Arc<Certificates>,
+}
+
+/// The certificate and key in use. New handshakes take the current one; connections already
+/// established keep the keys they negotiated, so a swap touches none of them.
+#[derive(Debug)]
+pub struct Certificates {
+    files: TlsFiles,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl Certificates {
+    /// Reads the files again; on success new handshakes present the new certificate. On error
+    /// the previous one stays in use. Returns a description of what is served now.
+    pub fn reload(&self) -> Result<String, LoadError> {
+        let (key, what) = read_certified(&self.files, unix_now())?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
+        Ok(what)
+    }
+}
+
+impl ResolvesServerCert for Certificates {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+}
+
 /// Reads `--tls-cert` and `--tls-key` and builds the server configuration: TLS 1.3 and 1.2,
 /// ALPN `http/1.1`, stateless session tickets (resumption without per-session memory).
 /// Refuses an unreadable file, a certificate that is expired or not yet valid, and a key that
-/// does not belong to the certificate.
-pub fn load(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, LoadError> {
-    load_at(cert_path, key_path, unix_now())
+/// does not belong to the certificate, saying what to do.
+pub fn load(files: &TlsFiles) -> Result<Tls, LoadError> {
+    let (key, _) = read_certified(files, unix_now())?;
+    let certs = Arc::new(Certificates {
+        files: files.clone(),
+        current: RwLock::new(Arc::new(key)),
+    });
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| LoadError(format!("TLS setup: {e}")))?
+        .with_no_client_auth();
+    let mut config = builder.with_cert_resolver(certs.clone());
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Resumption through tickets the server does not store (a fresh key per process).
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    if let Ok(t) = rustls::crypto::aws_lc_rs::Ticketer::new() {
+        config.ticketer = t;
+    }
+    config.send_tls13_tickets = 1;
+    Ok(Tls {
+        config: Arc::new(config),
+        certs,
+    })
 }
 
-fn load_at(cert_path: &Path, key_path: &Path, now: i64) -> Result<Arc<ServerConfig>, LoadError> {
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Reads and checks the certificate chain and key; returns them and a one-line description.
+fn read_certified(files: &TlsFiles, now: i64) -> Result<(CertifiedKey, String), LoadError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert_path, key_path) = (files.cert.as_path(), files.key.as_path());
     let read = |what: &str, p: &Path| {
         std::fs::read(p).map_err(|e| {
             LoadError(format!(
@@ -479,7 +571,7 @@ fn load_at(cert_path: &Path, key_path: &Path, now: i64) -> Result<Arc<ServerConf
             cert_path.display()
         )));
     };
-    match validity(leaf) {
+    let until = match validity(leaf) {
         Some((from, _)) if now < from => {
             return Err(LoadError(format!(
                 "--tls-cert {}: the certificate is not valid before {} (check the clock, or \
@@ -496,18 +588,20 @@ fn load_at(cert_path: &Path, key_path: &Path, now: i64) -> Result<Arc<ServerConf
                 utc(until)
             )))
         }
-        Some((_, until)) if until - now < 14 * 86_400 => log::warn!(
-            "--tls-cert {}: the certificate expires on {}; renew it soon and send SIGHUP",
-            cert_path.display(),
-            utc(until)
-        ),
-        Some(_) => {}
+        Some((_, until)) => until,
         None => {
             return Err(LoadError(format!(
                 "--tls-cert {}: the first certificate cannot be parsed as X.509",
                 cert_path.display()
             )))
         }
+    };
+    if until - now < 14 * 86_400 {
+        log::warn!(
+            "--tls-cert {}: the certificate expires on {}; renew it soon and send SIGHUP",
+            cert_path.display(),
+            utc(until)
+        );
     }
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
         LoadError(format!(
@@ -516,13 +610,9 @@ fn load_at(cert_path: &Path, key_path: &Path, now: i64) -> Result<Arc<ServerConf
             key_path.display()
         ))
     })?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| LoadError(format!("TLS setup: {e}")))?
-        .with_no_client_auth();
-    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
-        let what = match e {
+    let n = chain.len();
+    let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| {
+        LoadError(match e {
             rustls::Error::InconsistentKeys(_) => format!(
                 "the key in --tls-key {} does not belong to the certificate in --tls-cert {} \
                  (pair each certificate with the key it was issued for)",
@@ -530,22 +620,18 @@ fn load_at(cert_path: &Path, key_path: &Path, now: i64) -> Result<Arc<ServerConf
                 cert_path.display()
             ),
             e => format!(
-                "--tls-cert {} / --tls-key {}: {e} (supported keys: RSA, ECDSA P-256/P-384, \
-                 Ed25519)",
-                cert_path.display(),
+                "--tls-key {}: {e} (supported keys: RSA, ECDSA P-256/P-384, Ed25519)",
                 key_path.display()
             ),
-        };
-        LoadError(what)
+        })
     })?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    // Resumption through tickets the server does not store (a fresh key per process).
-    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    if let Ok(t) = rustls::crypto::aws_lc_rs::Ticketer::new() {
-        config.ticketer = t;
-    }
-    config.send_tls13_tickets = 1;
-    Ok(Arc::new(config))
+    let what = format!(
+        "{} ({n} certificate{}, valid until {})",
+        cert_path.display(),
+        if n == 1 { "" } else { "s" },
+        utc(until)
+    );
+    Ok((certified, what))
 }
 
 fn unix_now() -> i64 {

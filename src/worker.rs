@@ -29,6 +29,7 @@ mod fanout;
 mod lifecycle;
 mod read;
 mod samplers;
+mod transport;
 mod write;
 
 use std::io;
@@ -86,6 +87,8 @@ pub struct Shared {
     /// The Redis bridge's way in, with `--redis`.
     pub bridge: Option<Arc<crate::bridge::BridgeLink>>,
     pub wakeups: Arc<[Arc<Wakeup>]>,
+    /// The listening addresses that serve wss:// (`--tls-cert`), and their configuration.
+    pub tls: Option<crate::tls::Listeners>,
 }
 
 impl Shared {
@@ -179,6 +182,10 @@ pub struct Worker {
     id: usize,
     poll: Poll,
     listeners: Vec<TcpListener>,
+    /// Per listener: its TLS configuration if it serves wss://.
+    listener_tls: Vec<Option<Arc<rustls::ServerConfig>>>,
+    /// Decrypted input and encrypted output of the TLS connections (transport.rs).
+    tls_bufs: crate::tls::Buffers,
     /// Listeners whose accept budget ran out with connections still waiting.
     accept_backlog: Vec<usize>,
     conns: Slab<Connection>,
@@ -245,11 +252,20 @@ impl Worker {
             proxy: c.proxy_protocol,
         };
         let per_worker = shared.max_connections / c.workers + 1;
+        let listener_tls = listeners
+            .iter()
+            .map(|l| {
+                let addr = l.local_addr().ok()?;
+                shared.tls.as_ref()?.config_for(addr)
+            })
+            .collect();
         let started = shared.started;
         Ok(Worker {
             id,
             poll,
             listeners,
+            listener_tls,
+            tls_bufs: crate::tls::Buffers::default(),
             accept_backlog: Vec::new(),
             // Growing a slab copies every connection: reserve room for this worker's share.
             conns: Slab::with_capacity(per_worker.min(1 << 20)),

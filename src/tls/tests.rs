@@ -89,8 +89,15 @@ fn pump(c: &mut rustls::ClientConnection, s: &mut TlsConn, step: usize) -> Vec<u
     plain
 }
 
+fn files(a: &Certs, b: &Certs) -> TlsFiles {
+    TlsFiles {
+        cert: a.dir.join("cert.pem"),
+        key: b.dir.join("key.pem"),
+    }
+}
+
 fn server_config(certs: &Certs) -> Arc<ServerConfig> {
-    load(&certs.dir.join("cert.pem"), &certs.dir.join("key.pem")).unwrap()
+    load(&files(certs, certs)).unwrap().config
 }
 
 #[test]
@@ -260,21 +267,79 @@ fn garbage_instead_of_a_client_hello_is_an_error() {
 #[test]
 fn expired_not_yet_valid_and_mismatched_are_refused_with_advice() {
     let expired = certs("expired", -30, -1);
-    let e = load(&expired.dir.join("cert.pem"), &expired.dir.join("key.pem")).unwrap_err();
+    let e = load(&files(&expired, &expired)).err().unwrap();
     assert!(e.0.contains("expired on") && e.0.contains("renew"), "{e}");
     let future = certs("future", 2, 30);
-    let e = load(&future.dir.join("cert.pem"), &future.dir.join("key.pem")).unwrap_err();
+    let e = load(&files(&future, &future)).err().unwrap();
     assert!(e.0.contains("not valid before"), "{e}");
     let a = certs("mismatch-a", -1, 30);
     let b = certs("mismatch-b", -1, 30);
-    let e = load(&a.dir.join("cert.pem"), &b.dir.join("key.pem")).unwrap_err();
+    let e = load(&files(&a, &b)).err().unwrap();
     assert!(e.0.contains("does not belong to the certificate"), "{e}");
-    let e = load(&a.dir.join("key.pem"), &a.dir.join("key.pem")).unwrap_err();
+    let swap = |cert: &str, key: &str| TlsFiles {
+        cert: a.dir.join(cert),
+        key: a.dir.join(key),
+    };
+    let e = load(&swap("key.pem", "key.pem")).err().unwrap();
     assert!(e.0.contains("no `-----BEGIN CERTIFICATE-----`"), "{e}");
-    let e = load(&a.dir.join("cert.pem"), &a.dir.join("cert.pem")).unwrap_err();
+    let e = load(&swap("cert.pem", "cert.pem")).err().unwrap();
     assert!(e.0.contains("no private key"), "{e}");
-    let e = load(&a.dir.join("nope.pem"), &a.dir.join("key.pem")).unwrap_err();
+    let e = load(&swap("nope.pem", "key.pem")).err().unwrap();
     assert!(e.0.contains("cannot read --tls-cert"), "{e}");
+}
+
+#[test]
+fn reload_swaps_the_certificate_for_new_handshakes_only() {
+    let first = certs("reload-1", -1, 30);
+    let second = certs("reload-2", -1, 30);
+    let dir = std::env::temp_dir().join(format!("megasock-tls-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = TlsFiles {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    let install = |c: &Certs| {
+        std::fs::copy(c.dir.join("cert.pem"), &f.cert).unwrap();
+        std::fs::copy(c.dir.join("key.pem"), &f.key).unwrap();
+    };
+    install(&first);
+    let tls = load(&f).unwrap();
+    let mut old_client = client(&first.ca);
+    let mut old = TlsConn::new(&tls.config).unwrap();
+    pump(&mut old_client, &mut old, 1 << 20);
+    install(&second);
+    let what = tls.certs.reload().unwrap();
+    assert!(what.contains("valid until"), "{what}");
+    // A new handshake presents the new certificate (trusted only through the second CA).
+    let mut c = client(&second.ca);
+    let mut s = TlsConn::new(&tls.config).unwrap();
+    pump(&mut c, &mut s, 1 << 20);
+    assert!(!s.is_handshaking() && !c.is_handshaking());
+    // The connection made before goes on with its keys.
+    let mut wire = Vec::new();
+    Sealer {
+        tls: &mut old,
+        sock: &mut wire,
+        bufs: &mut Buffers::default(),
+    }
+    .write_all(b"still here")
+    .unwrap();
+    let mut r = &wire[..];
+    while !r.is_empty() {
+        old_client.read_tls(&mut r).unwrap();
+        old_client.process_new_packets().unwrap();
+    }
+    let mut got = Vec::new();
+    let _ = old_client.reader().read_to_end(&mut got);
+    assert_eq!(got, b"still here");
+    // A bad pair is refused and the current certificate stays.
+    std::fs::copy(first.dir.join("key.pem"), &f.key).unwrap();
+    assert!(tls.certs.reload().is_err());
+    let mut c = client(&second.ca);
+    let mut s = TlsConn::new(&tls.config).unwrap();
+    pump(&mut c, &mut s, 1 << 20);
+    assert!(!c.is_handshaking());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

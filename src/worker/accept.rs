@@ -28,7 +28,7 @@ impl Worker {
                     if std::mem::take(&mut self.accept_starved) {
                         log::info!("worker {}: accepting again", self.id);
                     }
-                    self.admit(stream)
+                    self.admit(stream, i)
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -86,13 +86,15 @@ impl Worker {
         }
     }
 
-    fn admit(&mut self, stream: mio::net::TcpStream) {
+    fn admit(&mut self, stream: mio::net::TcpStream, listener: usize) {
         WorkerStats::add(&self.stats().accepted, 1);
         let held = self.shared.sockets.fetch_add(1, Ordering::Relaxed);
         let max = self.shared.max_connections;
         // Over the limit a client still gets a 503, using the fd reserve; far over it (a
         // flood) the socket is closed at once so the reserve is never exhausted.
-        if held >= max + self.shared.reject_headroom {
+        let tls = self.listener_tls.get(listener).cloned().flatten();
+        // A 503 needs a TLS handshake first: a wss:// client over the limit is closed at once.
+        if held >= max + self.shared.reject_headroom || (held >= max && tls.is_some()) {
             self.shared.sockets.fetch_sub(1, Ordering::Relaxed);
             self.stats().disconnect(Disconnect::OverCapacity);
             return;
@@ -104,6 +106,17 @@ impl Worker {
         let key = entry.key() as u32;
         let token = Token(((generation as usize) << 32) | key as usize);
         let mut conn = Connection::new(stream, generation, self.now);
+        if let Some(config) = tls {
+            match crate::tls::TlsConn::new(&config) {
+                Ok(t) => conn.tls = Some(Box::new(t)),
+                Err(e) => {
+                    log::warn!("worker {}: cannot start TLS: {e}", self.id);
+                    self.shared.sockets.fetch_sub(1, Ordering::Relaxed);
+                    self.stats().disconnect(Disconnect::TlsHandshakeFailed);
+                    return;
+                }
+            }
+        }
         // Both interests once, for good: toggling them would cost an epoll_ctl each time.
         if let Err(e) = self.poll.registry().register(
             &mut conn.stream,

@@ -39,8 +39,8 @@ impl Worker {
         let mut scratch = std::mem::take(&mut self.scratch);
         let mut reads = 0;
         loop {
-            let n = match self.read_some(key, &mut scratch) {
-                ReadOutcome::Bytes(n) => n,
+            let (n, more) = match self.read_some(key, &mut scratch) {
+                ReadOutcome::Bytes(n, more) => (n, more),
                 ReadOutcome::Eof => {
                     self.on_eof(key);
                     break;
@@ -51,7 +51,7 @@ impl Worker {
             let lim = self.limits;
             self.with_session(key, |s, host| s.receive(&mut scratch[..n], &lim, now, host));
             reads += 1;
-            if n < scratch.len() && !to_the_end {
+            if !more && !to_the_end {
                 break; // drained: the next byte brings a new edge
             }
             let blocked = self.publisher_blocked(&self.conns[key as usize]);
@@ -74,7 +74,7 @@ impl Worker {
             if room == 0 {
                 break; // the rest waits in the kernel; TCP flow control slows the client
             }
-            let ReadOutcome::Bytes(n) = self.read_some(key, &mut scratch[..room]) else {
+            let ReadOutcome::Bytes(n, _) = self.read_some(key, &mut scratch[..room]) else {
                 break; // an EOF waits for the pause to end; an error dropped the connection
             };
             self.with_session(key, |s, host| {
@@ -92,17 +92,21 @@ impl Worker {
             .or_else(|| self.conns.get(key as usize)?.stream.peer_addr().ok())
     }
 
-    /// One read from a connection's socket into `buf`. An I/O error drops the connection.
+    /// One read from a connection's socket into `buf` (plaintext: a TLS connection's is
+    /// decrypted by `read_tls`). An I/O error drops the connection.
     fn read_some(&mut self, key: u32, buf: &mut [u8]) -> ReadOutcome {
         loop {
             let Some(c) = self.conns.get(key as usize) else {
                 return ReadOutcome::Dropped;
             };
+            if c.tls.is_some() {
+                return self.read_tls(key, buf);
+            }
             match (&c.stream).read(buf) {
                 Ok(0) => return ReadOutcome::Eof,
                 Ok(n) => {
                     self.tally.bytes_in += n as u64;
-                    return ReadOutcome::Bytes(n);
+                    return ReadOutcome::Bytes(n, n == buf.len());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadOutcome::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -203,8 +207,10 @@ impl Worker {
 }
 
 /// What one read brought.
-enum ReadOutcome {
-    Bytes(usize),
+pub(super) enum ReadOutcome {
+    /// Bytes for the session in the buffer, and whether the socket filled the buffer (so
+    /// more may wait: edge-triggered, no new event would say so).
+    Bytes(usize, bool),
     /// The peer closed its side.
     Eof,
     /// Nothing more now (the next byte brings a new edge).

@@ -37,6 +37,10 @@ impl Worker {
                 match c.session.on_flushed() {
                     AfterFlush::Nothing => {}
                     AfterFlush::ShutdownWrite => {
+                        if let Some(tls) = c.tls.as_deref_mut() {
+                            tls.queue_close_notify(); // best effort, before FIN
+                            let _ = tls.write_pending(&mut &c.stream);
+                        }
                         let _ = c.stream.shutdown(Shutdown::Write);
                     }
                     AfterFlush::Drop => self.drop_conn(key),
@@ -51,12 +55,21 @@ impl Worker {
     pub(super) fn write_out(&mut self, key: u32) -> io::Result<Flushed> {
         let conn = &mut self.conns[key as usize];
         let t = &mut self.tally;
-        let res = conn.outbox.flush(
-            &mut &conn.stream,
-            &mut t.write_syscalls,
-            &mut t.bytes_out,
-            &mut t.frames_out,
-        );
+        let res = match conn.tls.as_deref_mut() {
+            None => conn.outbox.flush(
+                &mut &conn.stream,
+                &mut t.write_syscalls,
+                &mut t.bytes_out,
+                &mut t.frames_out,
+            ),
+            Some(tls) => super::transport::flush_tls(
+                tls,
+                &conn.stream,
+                &mut conn.outbox,
+                &mut self.tls_bufs,
+                t,
+            ),
+        };
         match res {
             Ok(Flushed::Blocked) => conn.set(ready::WANTS_WRITE),
             Ok(Flushed::All) => conn.clear(ready::WANTS_WRITE),
