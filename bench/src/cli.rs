@@ -76,9 +76,17 @@ impl Scenario {
 /// Options every scenario has.
 #[derive(Args, Debug, Clone, Serialize)]
 pub struct Common {
-    /// Target, ws://HOST:PORT/PATH (no TLS)
+    /// Target, ws://HOST:PORT/PATH or wss://HOST:PORT/PATH (TLS: with --ca or --insecure)
     #[arg(long)]
     pub url: String,
+
+    /// For wss://: trust the CA certificates in this PEM file (e.g. a test CA)
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<String>,
+
+    /// For wss://: do not check the server's certificate (the TLS cost is the same)
+    #[arg(long)]
+    pub insecure: bool,
 
     /// Write every figure and the full configuration to FILE (JSON); .hgrm files and SVG plots
     /// are written next to it (FILE without .json, plus .NAME.hgrm / .NAME.svg)

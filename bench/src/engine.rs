@@ -8,6 +8,7 @@
 
 use crate::hist::Hist;
 use crate::result::StageResult;
+use crate::tls::Sock;
 use crate::util::{mono_ns, Rng};
 use crate::ws::{self, HandshakeError, Target};
 use mio::net::TcpStream;
@@ -83,7 +84,7 @@ pub enum State {
 }
 
 pub struct Conn {
-    stream: Option<TcpStream>,
+    stream: Option<Sock>,
     pub state: State,
     started_ns: u64,
     key: [u8; 24],
@@ -137,6 +138,8 @@ pub struct EngineConfig {
     pub connect_timeout_ns: u64,
     /// Offer permessage-deflate.
     pub deflate: bool,
+    /// The client configuration for wss:// targets.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Connection statistics accumulated since the last [`Engine::take_conn_stats`].
@@ -197,6 +200,8 @@ fn classify(e: &io::Error) -> String {
         _ => {}
     }
     match e.kind() {
+        // The TLS layer's errors (bench/src/tls.rs): say which.
+        InvalidData => format!("tls: {e}"),
         ConnectionRefused => "refused".into(),
         TimedOut => "timeout".into(),
         ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof => "reset".into(),
@@ -393,6 +398,18 @@ impl Engine {
             self.count_failure(classify(&e));
             return;
         }
+        let tls = if target.tls {
+            self.cfg.tls.as_ref()
+        } else {
+            None
+        };
+        let stream = match Sock::new(stream, tls, &target.host) {
+            Ok(s) => s,
+            Err(e) => {
+                self.count_failure(format!("tls_setup: {e}"));
+                return;
+            }
+        };
         let key = ws::make_key(self.rng.next_u64(), self.rng.next_u64());
         self.conns.push(Conn {
             stream: Some(stream),
@@ -481,7 +498,7 @@ impl Engine {
 
     fn finish_connect(&mut self, id: usize, hup: bool) {
         let c = &mut self.conns[id];
-        let stream = c.stream.as_ref().expect("connecting stream");
+        let stream = c.stream.as_ref().expect("connecting stream").tcp();
         // A reset here is the kernel's answer to the SYN (no listener, or a full queue with
         // tcp_abort_on_overflow): named apart from a reset after the request was sent.
         let connect_cause = |e: &io::Error| match classify(e) {
@@ -661,8 +678,10 @@ impl Engine {
                 }
             }
             // A short read drained the socket (epoll(7)); a new edge comes with new data.
-            // After a hang-up, read on until EOF.
-            if n < room && !hup {
+            // After a hang-up, read on until EOF. TLS plaintext says nothing about the
+            // socket: read on until WouldBlock.
+            let tls = matches!(self.conns[id].stream, Some(Sock::Tls(_)));
+            if n < room && !hup && !tls {
                 break;
             }
         }
@@ -995,6 +1014,10 @@ impl Engine {
     }
 
     fn flush_conn<B: Behavior>(&mut self, id: usize, b: &mut B) {
+        let c = &mut self.conns[id];
+        if let Some(Err(e)) = c.stream.as_mut().map(Sock::flush_tls) {
+            return self.finish(id, &classify(&e));
+        }
         let c = &mut self.conns[id];
         if c.out_pos >= c.outbuf.len() {
             return;

@@ -13,6 +13,7 @@ mod runner;
 mod seqtrack;
 mod srcip;
 mod summary;
+mod tls;
 mod util;
 mod worker;
 mod ws;
@@ -315,7 +316,13 @@ fn make_plan(sc: &Scenario) -> Result<Plan, String> {
         return Err("--child-index out of range".into());
     }
     let _ = util::raise_nofile_limit();
+    let tls = if target.tls || members_target.as_ref().is_some_and(|t| t.tls) {
+        Some(tls::client_config(c.ca.as_deref(), c.insecure)?)
+    } else {
+        None
+    };
     Ok(Plan {
+        tls,
         target,
         members_target,
         source_ips: Arc::new(source_ips),

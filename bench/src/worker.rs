@@ -21,6 +21,8 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub target: Target,
+    /// The client configuration for wss:// targets (`--ca`, `--insecure`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Broadcast `--members-url`: where the members that do not publish connect.
     pub members_target: Option<Target>,
     pub source_ips: Arc<Vec<IpAddr>>,
@@ -90,6 +92,7 @@ impl WorkerCtx {
                 max_pending: c.max_pending.max(1),
                 connect_timeout_ns: (c.connect_timeout * 1e9) as u64,
                 deflate: c.deflate,
+                tls: self.plan.tls.clone(),
             },
             self.ctl.clone(),
             self.progress.clone(),

@@ -23,15 +23,17 @@ pub struct Target {
     /// `Host` header value
     pub host: String,
     pub path: String,
+    /// wss://
+    pub tls: bool,
 }
 
 pub fn parse_url(url: &str) -> Result<Target, String> {
-    let rest = if let Some(r) = url.strip_prefix("ws://") {
-        r
-    } else if url.starts_with("wss://") {
-        return Err(format!("{url}: TLS (wss://) is not supported; use ws://"));
+    let (rest, tls, default_port) = if let Some(r) = url.strip_prefix("ws://") {
+        (r, false, 80)
+    } else if let Some(r) = url.strip_prefix("wss://") {
+        (r, true, 443)
     } else {
-        return Err(format!("{url}: the URL must start with ws://"));
+        return Err(format!("{url}: the URL must start with ws:// or wss://"));
     };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -44,12 +46,12 @@ pub fn parse_url(url: &str) -> Result<Target, String> {
         if authority.contains("]:") {
             authority.to_string()
         } else {
-            format!("{authority}:80")
+            format!("{authority}:{default_port}")
         }
     } else if authority.contains(':') {
         authority.to_string()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{default_port}")
     };
     let addr = with_port
         .to_socket_addrs()
@@ -63,6 +65,7 @@ pub fn parse_url(url: &str) -> Result<Target, String> {
         addr,
         host: authority.to_string(),
         path: path.to_string(),
+        tls,
     })
 }
 
@@ -352,7 +355,9 @@ mod tests {
             parse_url("ws://[::1]:5/echo").unwrap().addr,
             "[::1]:5".parse().unwrap()
         );
-        assert!(parse_url("wss://127.0.0.1/").is_err());
+        let w = parse_url("wss://127.0.0.1/").unwrap();
+        assert!(w.tls && !t.tls);
+        assert_eq!(w.addr.port(), 443);
         assert!(parse_url("http://127.0.0.1/").is_err());
         let mut req = Vec::new();
         write_request(&t, &make_key(1, 2), false, &mut req);

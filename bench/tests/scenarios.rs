@@ -533,3 +533,126 @@ fn limits_that_cannot_hold_the_run_are_refused_before_connecting() {
     );
     assert!(r.json.is_null(), "no report for a refused run");
 }
+
+/// A test CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`.
+fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(30);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+#[test]
+fn wss_connect_echo_and_broadcast_over_tls() {
+    let pki = scratch_dir("pki");
+    let (ca, cert, key) = test_pki(&pki);
+    let s = Server::start_with(
+        "wss",
+        2,
+        &[
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let ready = std::fs::read_to_string(s.dir.join("server.ready")).unwrap();
+    let wss = ready
+        .lines()
+        .find_map(|l| l.strip_prefix("wss="))
+        .expect("a wss= line")
+        .trim()
+        .to_string();
+    let ca = ca.to_str().unwrap();
+    let url = |path: &str| format!("wss://{wss}{path}");
+    let r = bench(
+        "wss-connect",
+        &[
+            "connect",
+            "--url",
+            &url("/echo"),
+            "--conns",
+            "200",
+            "--hold",
+            "0.5",
+            "--ca",
+            ca,
+        ],
+    );
+    assert_eq!(r.ok()["connected"], 200);
+    let r = bench(
+        "wss-echo",
+        &[
+            "echo",
+            "--url",
+            &url("/echo"),
+            "--conns",
+            "20",
+            "--secs",
+            "0.5",
+            "--size",
+            "20000",
+            "--insecure",
+            "--no-plots",
+        ],
+    );
+    let j = r.ok();
+    assert_eq!(j["mismatched"], 0);
+    assert_eq!(j["unanswered"], 0);
+    let r = bench(
+        "wss-broadcast",
+        &[
+            "broadcast",
+            "--url",
+            &url("/ws/it-wss"),
+            "--subs",
+            "100",
+            "--pubs",
+            "2",
+            "--msgs",
+            "50",
+            "--size",
+            "64",
+            "--ca",
+            ca,
+            "--no-plots",
+        ],
+    );
+    let j = r.ok();
+    assert_eq!(j["deliveries"], 100 * 2 * 50);
+    every_delivery_sound(j);
+    // No CA: refused before connecting, with what to do.
+    let r = bench(
+        "wss-noca",
+        &["connect", "--url", &url("/echo"), "--conns", "1"],
+    );
+    assert_ne!(r.status, 0);
+    assert!(
+        r.stderr.contains("--ca FILE") || r.stdout.contains("--ca FILE"),
+        "{}",
+        r.stderr
+    );
+    let _ = std::fs::remove_dir_all(&pki);
+}
