@@ -368,6 +368,13 @@ pub struct Buffers {
     out: Vec<u8>,
 }
 
+impl Buffers {
+    /// Bytes allocated.
+    pub fn capacity(&self) -> usize {
+        self.plain.capacity() + self.cork.capacity() + self.out.capacity()
+    }
+}
+
 /// The writer an [`Outbox`](crate::outbox::Outbox) flushes a TLS connection into: each call
 /// encrypts up to [`CORK`] bytes of the frames it is given into one buffer and writes it;
 /// what the kernel refuses is kept by the connection, and until that is written every call
