@@ -118,3 +118,85 @@ fn demo_page_chats_between_two_browser_pages() {
         "screenshot is not a PNG"
     );
 }
+
+/// The demo page over https:// and its WebSocket over wss://, in Chromium, with a certificate
+/// made for the test. Chromium is told to trust exactly that certificate's key
+/// (`--ignore-certificate-errors-spki-list`, a pin, not `--ignore-certificate-errors`), which
+/// needs no NSS database; without the flag the page does not load (checked by hand).
+#[test]
+fn demo_page_chats_over_wss_with_a_test_certificate() {
+    check_prerequisites();
+    let dir = std::env::temp_dir().join(format!("megasock-browser-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let sha256 = rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256
+        .tls13()
+        .unwrap()
+        .common
+        .hash_provider;
+    let spki = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .encode(sha256.hash(&rcgen::PublicKeyData::subject_public_key_info(&key)))
+    };
+    let server = ServerProc::start(&[
+        "--workers",
+        "2",
+        "--tls-listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        cert_path.to_str().unwrap(),
+        "--tls-key",
+        key_path.to_str().unwrap(),
+    ]);
+    let wss = std::fs::read_to_string(server.ready_path())
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("wss="))
+        .expect("a wss= line")
+        .to_string();
+    let shot = root().join("target/demo-screenshot-wss.png");
+    let _ = std::fs::remove_file(&shot);
+    let started = Instant::now();
+    let out = Command::new("node")
+        .arg("tests/browser/demo.mjs")
+        .arg(format!("https://{wss}"))
+        .arg(&shot)
+        .env(
+            "DEMO_CHROMIUM_ARGS",
+            format!("--ignore-certificate-errors-spki-list={spki}"),
+        )
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn node");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}demo.mjs over wss took {:.1?}", started.elapsed());
+    assert!(out.status.success(), "demo.mjs over wss failed:\n{text}");
+    // Everything went through TLS: the page, then two WebSockets (GET / and /rooms/...
+    // pages are served and closed; the chat sockets end with the pages).
+    assert!(server.metric("megasock_tls_handshakes_total") >= 4);
+    assert_eq!(
+        server.metric("megasock_disconnects_total{reason=\"tls_handshake_failed\"}"),
+        0
+    );
+    assert!(server.metric("megasock_handshakes_total") >= 2);
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "screenshot is not a PNG"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -87,6 +87,8 @@ async function main() {
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
+        // Extra flags from the test, e.g. the test certificate's key for an https:// page.
+        ...(process.env.DEMO_CHROMIUM_ARGS || "").split(" ").filter(Boolean),
       ],
     }),
   );
