@@ -109,6 +109,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGUSR1,
     ])?;
     std::thread::Builder::new()
         .name("megasock-signals".into())
@@ -117,6 +118,10 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
             for sig in signals.forever() {
                 if sig == signal_hook::consts::SIGHUP {
                     reload(&shared);
+                    continue;
+                }
+                if sig == signal_hook::consts::SIGUSR1 {
+                    reload_certificate(&shared, "SIGUSR1");
                     continue;
                 }
                 seen += 1;
@@ -145,15 +150,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
 /// refusing connects, so only the certificate is reloaded.
 fn reload(shared: &megasock::worker::Shared) {
     let config = &shared.config;
-    if let Some(tls) = &shared.tls {
-        match tls.certs.reload() {
-            Ok(what) => log::info!(
-                "SIGHUP: TLS certificate reloaded: {what}; new handshakes use it, open \
-                 connections are untouched"
-            ),
-            Err(e) => log::error!("SIGHUP: {e}; still serving the previous certificate"),
-        }
-    }
+    reload_certificate(shared, "SIGHUP");
     let Some(path) = &config.takeover else {
         if shared.tls.is_none() {
             log::warn!(
@@ -193,6 +190,25 @@ fn reload(shared: &megasock::worker::Shared) {
                 });
         }
         Err(e) => log::error!("SIGHUP: cannot start {}: {e}; still serving", exe.display()),
+    }
+}
+
+/// Reads `--tls-cert` and `--tls-key` again (SIGHUP, and SIGUSR1 which does only this, so a
+/// renewal never restarts a `--takeover` process): new handshakes present the new certificate,
+/// open connections keep theirs, and bad files leave the current one in use.
+fn reload_certificate(shared: &megasock::worker::Shared, signal: &str) {
+    let Some(tls) = &shared.tls else {
+        if signal == "SIGUSR1" {
+            log::warn!("SIGUSR1 reloads the TLS certificate; there is none (--tls-cert); ignored");
+        }
+        return;
+    };
+    match tls.certs.reload() {
+        Ok(what) => log::info!(
+            "{signal}: TLS certificate reloaded: {what}; new handshakes use it, open \
+             connections are untouched"
+        ),
+        Err(e) => log::error!("{signal}: {e}; still serving the previous certificate"),
     }
 }
 

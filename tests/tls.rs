@@ -592,7 +592,7 @@ fn sighup_reloads_the_certificate_in_place_and_keeps_connections() {
 }
 
 #[test]
-fn sighup_with_takeover_starts_a_process_serving_the_new_certificate() {
+fn sigusr1_reloads_in_place_and_sighup_with_takeover_restarts_with_the_files() {
     let first = TestPki::new("takeover-1", -1, 30);
     let second = TestPki::new("takeover-2", -1, 30);
     let dir = served_files("takeover");
@@ -618,7 +618,22 @@ fn sighup_with_takeover_starts_a_process_serving_the_new_certificate() {
     let wss = wss_addr(&old.ready_path());
     let v12 = &rustls::version::TLS12;
     let mut before = Wss::connect(wss, client_config(&first.ca, v12), "/echo");
+    // SIGUSR1 only reloads the certificate: no restart, even with --takeover.
     install(&second, &dir);
+    old.signal(10); // SIGUSR1
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Wss::try_connect(wss, client_config(&second.ca, v12), "/echo").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "SIGUSR1 did not reload the certificate"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    before.send(0x1, b"same process");
+    assert_eq!(before.recv(), (0x1, b"same process".to_vec()));
+    assert!(old.child.try_wait().unwrap().is_none(), "still running");
+    // SIGHUP restarts: the successor reads the files.
+    install(&first, &dir);
     old.signal(1);
     // The old process drains: its clients get 1001 and reconnect to the successor.
     let (op, payload) = before.recv();
@@ -640,7 +655,7 @@ fn sighup_with_takeover_starts_a_process_serving_the_new_certificate() {
         .parse()
         .unwrap();
     assert_eq!(ws, old.ws, "the plain listener stays plain");
-    let mut after = Wss::connect(wss, client_config(&second.ca, v12), "/echo");
+    let mut after = Wss::connect(wss, client_config(&first.ca, v12), "/echo");
     after.send(0x1, b"successor");
     assert_eq!(after.recv(), (0x1, b"successor".to_vec()));
     let mut plain = Client::connect(ws, "/echo");

@@ -4,17 +4,20 @@ const fs = require('fs');
 
 function usage(msg) {
   if (msg) console.error(msg);
-  console.error('usage: node server.js [--listen HOST:PORT | --port PORT] [--host HOST] [--ready-file PATH] [--deflate]');
+  console.error('usage: node server.js [--listen HOST:PORT | --port PORT] [--host HOST] [--ready-file PATH] [--deflate] [--tls-cert FILE --tls-key FILE]');
   process.exit(2);
 }
 
-function parseArgs(argv) {
+function parseArgs(argv, supports = {}) {
   const opts = {
     host: process.env.HOST || '127.0.0.1',
     port: process.env.PORT !== undefined && process.env.PORT !== '' ? Number(process.env.PORT) : 0,
     readyFile: process.env.READY_FILE || null,
     // permessage-deflate on (each peer in its recommended way; see its server.js).
     deflate: process.env.DEFLATE === '1',
+    // TLS (wss://) with this certificate chain and key, PEM (peers that support it).
+    tlsCert: process.env.TLS_CERT || null,
+    tlsKey: process.env.TLS_KEY || null,
   };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -36,6 +39,10 @@ function parseArgs(argv) {
       opts.readyFile = next();
     } else if (a === '--deflate') {
       opts.deflate = true;
+    } else if (a === '--tls-cert') {
+      opts.tlsCert = next();
+    } else if (a === '--tls-key') {
+      opts.tlsKey = next();
     } else if (a === '-h' || a === '--help') {
       usage();
     } else if (/^\d+$/.test(a)) {
@@ -45,13 +52,15 @@ function parseArgs(argv) {
     }
   }
   if (!Number.isInteger(opts.port) || opts.port < 0 || opts.port > 65535) usage(`bad port ${opts.port}`);
+  if (!opts.tlsCert !== !opts.tlsKey) usage('--tls-cert and --tls-key go together');
+  if (opts.tlsCert && !supports.tls) usage('this peer has no TLS mode (the uws peer has)');
   return opts;
 }
 
-// Same format as megasock's --ready-file: `ws=HOST:PORT` on the first line.
+// Same format as megasock's --ready-file: `ws=HOST:PORT` (`wss=` with TLS) on the first line.
 // Written to a temporary name and renamed, so a reader never sees a partial file.
 function writeReady(opts, port, name) {
-  const line = `ws=${opts.host}:${port}\n`;
+  const line = `${opts.tlsCert ? 'wss' : 'ws'}=${opts.host}:${port}\n`;
   console.log(`${name} peer listening: ${line.trim()}`);
   if (opts.readyFile) {
     const tmp = `${opts.readyFile}.tmp${process.pid}`;

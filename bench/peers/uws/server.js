@@ -4,6 +4,8 @@
 //   GET /ws/{room}  the connection joins {room}; every text/binary message goes to every
 //                   member of the room, the sender included (native pub/sub: app.publish)
 // Usage: node server.js [--listen HOST:PORT | --port PORT] [--ready-file PATH] [--deflate]
+//                       [--tls-cert FILE --tls-key FILE]
+//        --tls-cert/--tls-key: uWS.SSLApp (uWebSockets.js's TLS, BoringSSL) on wss://.
 //        --deflate: permessage-deflate with uWS.SHARED_COMPRESSOR (one compressor for all,
 //        no context takeover: uWS's recommendation for many sockets); publish compresses.
 //        (env: PORT, HOST, READY_FILE; port 0 picks a free port)
@@ -11,7 +13,7 @@
 const uWS = require('uwebsockets');
 const { parseArgs, writeReady } = require('../common/args.js');
 
-const opts = parseArgs(process.argv.slice(2));
+const opts = parseArgs(process.argv.slice(2), { tls: true });
 const MiB = 1024 * 1024;
 
 const behavior = {
@@ -36,7 +38,9 @@ function upgrade(res, req, context, userData) {
 }
 
 let listenSocket = null;
-const app = uWS.App()
+const app = (opts.tlsCert
+  ? uWS.SSLApp({ cert_file_name: opts.tlsCert, key_file_name: opts.tlsKey })
+  : uWS.App())
   .ws('/echo', {
     ...behavior,
     upgrade: (res, req, context) => upgrade(res, req, context, {}),
