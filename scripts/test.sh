@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit and integration tests (against
 # the real binaries over loopback), the cluster test (two nodes behind HAProxy), a 50,000-socket
-# run of scripts/million.sh, the session property test at a million cases, the tuning kit's tests, and the Autobahn conformance run.
+# run of scripts/million.sh, the session property test at a million cases, the tuning kit's tests, and the Autobahn conformance run
+# (over wss:// too).
 #
 #   scripts/test.sh            everything
 #   SKIP_AUTOBAHN=1 scripts/test.sh   everything but the conformance run (quicker while iterating)
@@ -33,6 +34,11 @@ MEGASOCK_PROPERTY_CASES=1000000 cargo test --release --lib random_frames_and_spl
 
 step "tuning kit tests"
 tests/tune/run.sh
+
+if [ "${SKIP_AUTOBAHN:-0}" != 1 ]; then
+  step "Autobahn conformance over wss:// (kosoku through a plain-to-TLS relay)"
+  scripts/autobahn-wss.sh
+fi
 
 # Last, so its closing line (`autobahn: N passed, N failed`) closes the output.
 if [ "${SKIP_AUTOBAHN:-0}" != 1 ]; then

@@ -33,7 +33,7 @@ trap 'stop; exit $?' TERM INT
 
 wss=""
 for _ in $(seq 200); do
-    wss=$(sed -n 's/^wss=//p' "$inner" 2>/dev/null | head -n1)
+    wss=$(sed -n 's/^wss=//p' "$inner" 2>/dev/null | head -n1 || true)
     [[ -n $wss ]] && break
     kill -0 "$server" 2>/dev/null || { echo "$0: megasock exited" >&2; exit 1; }
     sleep 0.05
@@ -44,7 +44,7 @@ done
 relay=$!
 addr=""
 for _ in $(seq 200); do
-    addr=$(sed -n 's/^relay=//p' "$relay_ready" 2>/dev/null | head -n1)
+    addr=$(sed -n 's/^relay=//p' "$relay_ready" 2>/dev/null | head -n1 || true)
     [[ -n $addr ]] && break
     sleep 0.05
 done
