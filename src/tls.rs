@@ -56,7 +56,7 @@ pub struct TlsConn {
     inbound: Vec<u8>,
     /// Ciphertext not yet taken by the kernel, from `sent` on (handshake flights, or the tail
     /// of a write the kernel refused).
-    outbound: Vec<u8>,
+    outbound: OutBuf,
     sent: usize,
     flags: u8,
 }
@@ -115,7 +115,7 @@ impl TlsConn {
         Ok(TlsConn {
             conn: UnbufferedServerConnection::new(config.clone())?,
             inbound: Vec::new(),
-            outbound: Vec::new(),
+            outbound: OutBuf::default(),
             sent: 0,
             flags: 0,
         })
@@ -244,21 +244,17 @@ impl TlsConn {
     }
 
     /// Encrypts `data` for this connection, appending the records to `out`.
-    pub fn encrypt(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), TlsError> {
+    pub fn encrypt(&mut self, data: &[u8], out: &mut OutBuf) -> Result<(), TlsError> {
         self.with_traffic(out, |w, out| {
-            let start = out.len();
             let records = data.len() / MAX_FRAGMENT + 1;
-            out.resize(start + data.len() + records * RECORD_OVERHEAD, 0);
-            let n = match w.encrypt(data, &mut out[start..]) {
+            let n = match w.encrypt(data, out.room(data.len() + records * RECORD_OVERHEAD)) {
                 Ok(n) => n,
-                Err(EncryptError::InsufficientSize(s)) => {
-                    out.resize(start + s.required_size, 0);
-                    w.encrypt(data, &mut out[start..])
-                        .map_err(|_| TlsError::NotOpen)?
-                }
+                Err(EncryptError::InsufficientSize(s)) => w
+                    .encrypt(data, out.room(s.required_size))
+                    .map_err(|_| TlsError::NotOpen)?,
                 Err(_) => return Err(TlsError::NotOpen), // keys exhausted: close
             };
-            out.truncate(start + n);
+            out.advance(n);
             Ok(())
         })
     }
@@ -271,10 +267,8 @@ impl TlsConn {
         self.flags |= flag::CLOSE_SENT;
         let mut out = std::mem::take(&mut self.outbound);
         let _ = self.with_traffic(&mut out, |w, out| {
-            let start = out.len();
-            out.resize(start + 64, 0);
-            let n = w.queue_close_notify(&mut out[start..]).unwrap_or(0);
-            out.truncate(start + n);
+            let n = w.queue_close_notify(out.room(64)).unwrap_or(0);
+            out.advance(n);
             Ok(())
         });
         self.outbound = out;
@@ -284,10 +278,10 @@ impl TlsConn {
     /// such as session tickets, into `out`, in order) and runs `f` there.
     fn with_traffic(
         &mut self,
-        out: &mut Vec<u8>,
+        out: &mut OutBuf,
         f: impl FnOnce(
             &mut rustls::unbuffered::WriteTraffic<'_, ServerConnectionData>,
-            &mut Vec<u8>,
+            &mut OutBuf,
         ) -> Result<(), TlsError>,
     ) -> Result<(), TlsError> {
         if self.is_handshaking() {
@@ -311,7 +305,7 @@ impl TlsConn {
     /// Writes queued ciphertext; true once none is left (its buffer is then freed).
     pub fn write_pending<W: Write>(&mut self, w: &mut W) -> io::Result<bool> {
         while self.sent < self.outbound.len() {
-            match w.write(&self.outbound[self.sent..]) {
+            match w.write(&self.outbound.filled()[self.sent..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -319,9 +313,7 @@ impl TlsConn {
                 Err(e) => return Err(e),
             }
         }
-        if self.outbound.capacity() > 0 {
-            self.outbound = Vec::new();
-        }
+        self.outbound.release();
         self.sent = 0;
         Ok(true)
     }
@@ -336,24 +328,72 @@ impl TlsConn {
 }
 
 /// Encodes one handshake record into `out` (rustls says how much room it needs).
-fn encode(e: &mut EncodeTlsData<'_, ServerConnectionData>, out: &mut Vec<u8>) {
-    let start = out.len();
+fn encode(e: &mut EncodeTlsData<'_, ServerConnectionData>, out: &mut OutBuf) {
     let mut need = 2048;
     loop {
-        out.resize(start + need, 0);
-        match e.encode(&mut out[start..]) {
-            Ok(n) => {
-                out.truncate(start + n);
-                return;
-            }
+        match e.encode(out.room(need)) {
+            Ok(n) => return out.advance(n),
             Err(EncodeError::InsufficientSize(s)) if s.required_size > need => {
                 need = s.required_size
             }
-            Err(_) => {
-                out.truncate(start);
-                return;
-            }
+            Err(_) => return,
         }
+    }
+}
+
+/// Bytes written at the front of a buffer that is reused: its length only grows (so it is
+/// zeroed once when it grows, not for every record), `used` says how much is filled.
+#[derive(Default)]
+pub struct OutBuf {
+    buf: Vec<u8>,
+    used: usize,
+}
+
+impl OutBuf {
+    /// At least `n` writable bytes after what is filled.
+    fn room(&mut self, n: usize) -> &mut [u8] {
+        if self.buf.len() < self.used + n {
+            self.buf.resize(self.used + n, 0);
+        }
+        &mut self.buf[self.used..]
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.used = (self.used + n).min(self.buf.len());
+    }
+
+    fn extend_from_slice(&mut self, data: &[u8]) {
+        self.room(data.len())[..data.len()].copy_from_slice(data);
+        self.advance(data.len());
+    }
+
+    /// What is filled.
+    pub fn filled(&self) -> &[u8] {
+        &self.buf[..self.used]
+    }
+
+    pub fn len(&self) -> usize {
+        self.used
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.used == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.used = 0;
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Empties it and frees its storage.
+    fn release(&mut self) {
+        if self.buf.capacity() > 0 {
+            self.buf = Vec::new();
+        }
+        self.used = 0;
     }
 }
 
@@ -365,7 +405,7 @@ pub struct Buffers {
     /// Frames gathered for one encryption.
     cork: Vec<u8>,
     /// Ciphertext of one write.
-    out: Vec<u8>,
+    out: OutBuf,
 }
 
 impl Buffers {
@@ -418,9 +458,10 @@ impl<S: Write> Write for Sealer<'_, S> {
         self.tls
             .encrypt(plain, out)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let out_len = out.len();
         let mut written = 0;
-        while written < out.len() {
-            match self.sock.write(&out[written..]) {
+        while written < out_len {
+            match self.sock.write(&out.filled()[written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -428,11 +469,11 @@ impl<S: Write> Write for Sealer<'_, S> {
                 Err(e) => return Err(e),
             }
         }
-        if written < out.len() {
-            self.tls.stash(&out[written..]);
+        if written < out_len {
+            self.tls.stash(&out.filled()[written..]);
         }
         if out.capacity() > 2 * (CORK + 4 * RECORD_OVERHEAD) {
-            *out = Vec::new(); // a big single frame went through; keep the usual size only
+            out.release(); // a big single frame went through; keep the usual size only
         }
         Ok(plain.len())
     }
