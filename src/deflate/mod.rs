@@ -19,6 +19,10 @@
 //! is on the inflated bytes. Errors close with [`InflateError::close_code`]: 1009 for too big,
 //! 1007 for corrupt data. Text is validated as UTF-8 after inflating.
 
+mod codec;
 mod negotiate;
+#[cfg(test)]
+mod reference;
 
+pub use codec::{CompressFailed, Compressor, InflateError, Inflater, InflaterPool, MessageInflate};
 pub use negotiate::{negotiate, Agreement, DeflateConfig, Malformed};
