@@ -440,8 +440,8 @@ mod tests {
 
     #[test]
     fn first_acceptable_offer_wins() {
-        // RFC 7692 §5.1 example: the first offer asks for a window the server would refuse
-        // only if it could not honour it; here both are acceptable, so the first is taken.
+        // The client's preferred offer asks for a smaller server window, the fallback does
+        // not; both are acceptable here, so the first is taken.
         let a = neg(
             &["permessage-deflate; client_max_window_bits; server_max_window_bits=10, permessage-deflate; client_max_window_bits"],
             &cfg(),
@@ -547,8 +547,7 @@ mod tests {
                 .unwrap_or_else(|| panic!("{ok}"));
             assert_eq!(a.server_max_window_bits(), 10, "{ok}");
         }
-        // Quoted values of other extensions may hold escaped separators once unescaped? No:
-        // the unescaped text must still be a token, so these are fine and ignored.
+        // Other extensions' parameters are checked for syntax only, then ignored.
         assert_eq!(neg(&["x-foo; a=\"b\"; c=d"], &cfg()), Ok(None));
     }
 
@@ -676,7 +675,7 @@ mod tests {
 
     #[test]
     fn rfc_7692_examples() {
-        // §5.2 / §7.1 examples of offers.
+        // Offers of the kind RFC 7692 §7.1.3 shows.
         for (offer, server_bits) in [
             ("permessage-deflate", 15),
             ("permessage-deflate; client_max_window_bits", 15),
