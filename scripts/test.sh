@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit and integration tests (against
-# the real binaries over loopback), the cluster test (two nodes behind HAProxy), the session
-# property test at a million cases, the tuning kit's tests, and the Autobahn conformance run.
+# the real binaries over loopback), the cluster test (two nodes behind HAProxy), a 50,000-socket
+# run of scripts/million.sh, the session property test at a million cases, the tuning kit's tests, and the Autobahn conformance run.
 #
 #   scripts/test.sh            everything
 #   SKIP_AUTOBAHN=1 scripts/test.sh   everything but the conformance run (quicker while iterating)
@@ -24,6 +24,9 @@ cargo test --workspace
 
 step "cluster end-to-end (haproxy, redis)"
 scripts/cluster-test.sh
+
+step "one box, many sockets: scripts/million.sh at CI size (50,000 connections, 4 servers)"
+scripts/million.sh --connections 50000 --keep 5 --ping-interval 3 --tune
 
 step "session property test: 1,000,000 random frame sequences and splits (release)"
 MEGASOCK_PROPERTY_CASES=1000000 cargo test --release --lib random_frames_and_splits -- --nocapture

@@ -23,6 +23,14 @@ pub const MEGASOCK_CONN_BYTES: u64 = 128;
 /// Server CPU per delivered 64-byte message (one recipient), measured in the broadcast
 /// benchmark; used to estimate cores for a message rate.
 pub const NS_PER_DELIVERY: u64 = 25;
+/// Server CPU per idle ping (ping written, pong read, timer re-armed), loopback kernel work
+/// included, measured while `scripts/million.sh` held its connections (docs/PERFORMANCE.md).
+pub const NS_PER_PING: u64 = 10_300;
+/// Connections one process holds under a capped RLIMIT_NOFILE: 8 % below the cap's share
+/// for headroom, since SO_REUSEPORT spreads connections by hash, not evenly.
+fn per_process_under(cap: u64) -> u64 {
+    cap.saturating_sub(256) * 92 / 100
+}
 
 #[derive(Debug, Clone, Args)]
 pub struct PlanArgs {
@@ -38,6 +46,9 @@ pub struct PlanArgs {
     /// Payload bytes per message. [default: 64]
     #[arg(long, value_name = "BYTES", default_value_t = 64)]
     pub message_size: u64,
+    /// The server's --ping-interval, in seconds (idle connections cost a ping each). [default: 30]
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub ping_interval: u64,
 }
 
 /// The figures of a plan.
@@ -55,6 +66,11 @@ pub struct Plan {
     pub deliveries_per_s: u64,
     pub egress_bytes_per_s: u64,
     pub cores: f64,
+    /// Idle cost: pings per second and the cores they take.
+    pub pings_per_s: u64,
+    pub ping_cores: f64,
+    /// CPU-seconds to deliver one message to every connection (one room of N).
+    pub fanout_all_cpu_s: f64,
 }
 
 /// Pure arithmetic: the same formula as `scripts/tune.sh check`.
@@ -79,6 +95,9 @@ pub fn compute(a: &PlanArgs, rmem_min: u64, wmem_min: u64) -> Plan {
         deliveries_per_s: deliveries,
         egress_bytes_per_s: deliveries * frame,
         cores: (deliveries * NS_PER_DELIVERY) as f64 / 1e9,
+        pings_per_s: n / a.ping_interval.max(1),
+        ping_cores: (n / a.ping_interval.max(1) * NS_PER_PING) as f64 / 1e9,
+        fanout_all_cpu_s: (n * NS_PER_DELIVERY) as f64 / 1e9,
     }
 }
 
@@ -171,7 +190,27 @@ pub fn report(a: &PlanArgs, root: &Path) -> (String, bool) {
             "fds here:      hard RLIMIT_NOFILE {h} -> {}",
             if ok { "fits" } else { "TOO LOW" }
         );
+        if !ok {
+            let per = per_process_under(h).max(1);
+            let procs = p.connections.div_ceil(per);
+            let _ = writeln!(
+                out,
+                "               without raising it: {procs} processes of {per} connections on one port \
+                 (SO_REUSEPORT) joined by a Redis bridge, as scripts/million.sh --connections {} --per-process {per} runs them",
+                p.connections
+            );
+        }
     }
+    let _ = writeln!(
+        out,
+        "idle cpu:      {:.2} cores for {} pings/s (--ping-interval {}s, {} ns per ping measured)",
+        p.ping_cores, p.pings_per_s, a.ping_interval, NS_PER_PING
+    );
+    let _ = writeln!(
+        out,
+        "one message to all {}: {:.3} CPU-s of fan-out ({} ns per delivery), spread over {} cores",
+        p.connections, p.fanout_all_cpu_s, NS_PER_DELIVERY, cores
+    );
     if p.deliveries_per_s > 0 {
         let ok = p.cores <= cores;
         fits &= ok;
@@ -243,6 +282,7 @@ mod tests {
             message_rate: 10,
             room_size: 1000,
             message_size: 64,
+            ping_interval: 30,
         };
         let p = compute(&a, 4096, 4096);
         // The figures scripts/tune.sh check prints for the same N (see its test suite).
@@ -251,5 +291,7 @@ mod tests {
         assert_eq!(p.nofile, 1_101_024);
         assert_eq!(p.deliveries_per_s, 10_000);
         assert_eq!(p.egress_bytes_per_s, 660_000);
+        assert_eq!(p.pings_per_s, 33_333);
+        assert!((p.fanout_all_cpu_s - 0.025).abs() < 1e-9);
     }
 }

@@ -110,10 +110,10 @@ pub struct Common {
     #[arg(long, default_value = "10s", value_parser = parse_duration_secs)]
     pub connect_timeout: f64,
 
-    /// Sample this server process: RSS and CPU time (/proc/PID), and the kernel's socket
-    /// memory (/proc/net/sockstat, /proc/meminfo Slab)
-    #[arg(long, value_name = "PID")]
-    pub server_pid: Option<u32>,
+    /// Sample these server processes (comma-separated; their RSS and CPU time are summed,
+    /// from /proc/PID), and the kernel's socket memory (/proc/net/sockstat, /proc/meminfo Slab)
+    #[arg(long, value_name = "PID[,PID...]", value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
 
     /// Send text frames instead of binary (payload stays ASCII; the server validates UTF-8)
     #[arg(long)]

@@ -32,8 +32,14 @@ pub struct Sample {
     pub failed: u64,
     pub sent: u64,
     pub received: u64,
+    /// Summed over the `--server-pid` processes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_rss_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_ns: Option<u64>,
+    /// System-wide kernel memory (/proc/meminfo Slab, /proc/net/sockstat TCP mem).
+    pub kernel_slab_bytes: u64,
+    pub kernel_tcp_mem_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -43,6 +49,8 @@ pub struct StageOutcome {
     pub ready_ns: u64,
     pub go_ns: u64,
     pub done_ns: u64,
+    /// When every connection of the stage had opened or failed (the start of a hold).
+    pub server_at_all_open: Option<ServerSample>,
     pub server_at_ready: Option<ServerSample>,
     pub server_at_done: Option<ServerSample>,
     /// Resident memory of all client processes once connected (summed).
@@ -137,15 +145,24 @@ impl Display {
         }
     }
 
-    fn update(&mut self, now: u64, t_s: f64, phase: &str, c: &Counters, want_open: u64) {
+    fn update(
+        &mut self,
+        now: u64,
+        t_s: f64,
+        phase: &str,
+        c: &Counters,
+        want_open: u64,
+        timeline: &[Sample],
+    ) {
+        let vitals = vitals(timeline);
         let msg = format!(
-            "{phase}: open {} failed {} dropped {} sent {} received {}",
+            "{phase}: open {} failed {} dropped {} sent {} received {}{vitals}",
             c.open, c.failed, c.dropped, c.sent, c.received
         );
         if let Some(b) = &self.bar {
             b.set_length(want_open);
             b.set_message(format!(
-                "| {phase} | failed {} dropped {} sent {} recv {}",
+                "| {phase} | failed {} dropped {} sent {} recv {}{vitals}",
                 c.failed, c.dropped, c.sent, c.received
             ));
             b.set_position(c.open.min(want_open));
@@ -170,15 +187,51 @@ impl Display {
     }
 }
 
-fn server_sample(pid: Option<u32>, start_ns: u64) -> Option<ServerSample> {
-    let pid = pid?;
+/// Connect rate, server memory and CPU, and kernel memory over the last second of samples,
+/// for the progress line.
+fn vitals(timeline: &[Sample]) -> String {
+    let (Some(last), Some(first)) = (timeline.last(), timeline.iter().rev().nth(10)) else {
+        return String::new();
+    };
+    let dt = (last.t_s - first.t_s).max(1e-3);
+    let rate = (last.open as f64 - first.open as f64) / dt;
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let mut v = format!(
+        " | {rate:.0} conn/s | kernel slab {:.0} MiB tcp {:.0} MiB",
+        mib(last.kernel_slab_bytes),
+        mib(last.kernel_tcp_mem_bytes)
+    );
+    if let (Some(rss), Some(c1), Some(c0)) = (
+        last.server_rss_bytes,
+        last.server_cpu_ns,
+        first.server_cpu_ns,
+    ) {
+        let cores = c1.saturating_sub(c0) as f64 / 1e9 / dt;
+        v += &format!(" | server RSS {:.0} MiB cpu {cores:.2} cores", mib(rss));
+    }
+    v
+}
+
+/// RSS and CPU time summed over the server processes still alive, with the kernel's memory.
+fn server_sample(pids: &[u32], start_ns: u64) -> Option<ServerSample> {
+    if pids.is_empty() {
+        return None;
+    }
     let now = mono_ns();
-    Some(ServerSample {
+    let mut sample = ServerSample {
         t_s: (now - start_ns) as f64 / 1e9,
-        rss_bytes: proc_rss_bytes(pid)?,
-        cpu_ns: proc_cpu_ns(pid).unwrap_or(0),
         kernel: kernel_mem(),
-    })
+        ..Default::default()
+    };
+    let mut alive = 0;
+    for &pid in pids {
+        if let Some(rss) = proc_rss_bytes(pid) {
+            alive += 1;
+            sample.rss_bytes += rss;
+            sample.cpu_ns += proc_cpu_ns(pid).unwrap_or(0);
+        }
+    }
+    (alive > 0).then_some(sample)
 }
 
 #[derive(PartialEq, Eq, Clone, Copy)]
@@ -202,12 +255,11 @@ pub fn drive(
         start_ns: mono_ns(),
         ..Default::default()
     };
-    let pid = common.server_pid;
+    let pid = &common.server_pid[..];
     out.server_before = server_sample(pid, out.start_ns);
-    if pid.is_some() && out.server_before.is_none() {
+    if let Some(gone) = pid.iter().find(|&&p| proc_rss_bytes(p).is_none()) {
         return Err(format!(
-            "--server-pid {}: no such process (or /proc not readable)",
-            pid.unwrap_or(0)
+            "--server-pid {gone}: no such process (or /proc not readable)"
         ));
     }
     let mut groups = start_groups(scenario, plan, &ev_tx)?;
@@ -308,9 +360,14 @@ pub fn drive(
             out.errors.push(m);
             send_stop(&mut groups, &mut phase, &mut stop_sent_ns);
         }
-        if stop_sent_ns != 0 && now > stop_sent_ns + 30_000_000_000 {
-            out.errors
-                .push("client processes did not exit within 30 s of stop; killed".into());
+        // Closing is a close handshake per connection, all at once: on a box shared with the
+        // servers a million of them took more than 30 s (seen on 2 cores), so the grace
+        // grows by a second per 10,000 connections.
+        let grace_s = 30 + want_open(stage) / 10_000;
+        if stop_sent_ns != 0 && now > stop_sent_ns + grace_s * 1_000_000_000 {
+            out.errors.push(format!(
+                "client processes did not exit within {grace_s} s of stop; killed"
+            ));
             break;
         }
         if now >= last_sample + 100_000_000 {
@@ -320,6 +377,8 @@ pub fn drive(
                 c.add(l);
             }
             let t_s = (now - out.start_ns) as f64 / 1e9;
+            let server = server_sample(pid, out.start_ns);
+            let kernel = server.map(|x| x.kernel).unwrap_or_else(kernel_mem);
             out.timeline.push(Sample {
                 t_s,
                 attempted: c.attempted,
@@ -327,14 +386,23 @@ pub fn drive(
                 failed: c.failed,
                 sent: c.sent,
                 received: c.received,
-                server_rss_bytes: pid.and_then(proc_rss_bytes),
+                server_rss_bytes: server.map(|x| x.rss_bytes),
+                server_cpu_ns: server.map(|x| x.cpu_ns),
+                kernel_slab_bytes: kernel.slab_bytes,
+                kernel_tcp_mem_bytes: kernel.tcp_mem_bytes,
             });
+            if phase == Phase::Preparing
+                && current.server_at_all_open.is_none()
+                && c.open + c.failed >= want_open(stage)
+            {
+                current.server_at_all_open = server;
+            }
             let label = match phase {
                 Phase::Preparing => format!("stage {stage} connecting"),
                 Phase::Running => format!("stage {stage} running"),
                 Phase::Stopping => "closing".to_string(),
             };
-            display.update(now, t_s, &label, &c, want_open(stage));
+            display.update(now, t_s, &label, &c, want_open(stage), &out.timeline);
         }
     }
     display.finish();

@@ -95,6 +95,8 @@ pub struct Conn {
     closing_by_us: bool,
     /// Connected to `EngineConfig::alt_target`.
     alt: bool,
+    /// Answered at least one of the server's pings (proof that it is alive end to end).
+    ponged: bool,
     close_deadline: u64,
 }
 
@@ -164,6 +166,13 @@ pub struct Engine {
     /// Messages counters kept by the behaviors, published with the progress.
     pub msgs_sent: u64,
     pub msgs_received: u64,
+    /// Server pings answered, and connections that answered at least one.
+    pub pings_answered: u64,
+    pub conns_ponged: u64,
+    /// Longest busy span, from one poll's return to the next poll (a starved or overloaded
+    /// load generator answers the server's pings that late).
+    pub max_turn_gap_ns: u64,
+    last_turn_ns: u64,
 }
 
 fn classify(e: &io::Error) -> String {
@@ -216,6 +225,10 @@ impl Engine {
             total_dropped: 0,
             msgs_sent: 0,
             msgs_received: 0,
+            pings_answered: 0,
+            conns_ponged: 0,
+            max_turn_gap_ns: 0,
+            last_turn_ns: 0,
         })
     }
 
@@ -240,11 +253,17 @@ impl Engine {
     /// One turn: wait for events (at most `timeout`), handle them, expire timeouts, then let
     /// the behavior act.
     pub fn turn<B: Behavior>(&mut self, b: &mut B, timeout: Duration) -> io::Result<()> {
+        let start = mono_ns();
+        if self.last_turn_ns != 0 {
+            self.max_turn_gap_ns = self.max_turn_gap_ns.max(start - self.last_turn_ns);
+        }
         match self.poll.poll(&mut self.events, Some(timeout)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
+        // From here to the next poll the worker is busy: that span is how late it can be.
+        self.last_turn_ns = mono_ns();
         let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
         for ev in events.iter() {
             let t = ev.token();
@@ -300,8 +319,15 @@ impl Engine {
                 allowed = allowed.min((base + budget).saturating_sub(self.total_attempted));
             }
             let room = self.cfg.max_pending.saturating_sub(self.pending.len()) as u64;
-            for _ in 0..allowed.min(room) {
+            for i in 0..allowed.min(room) {
                 self.start_connect(now);
+                // connect() on loopback runs the server's SYN handling too, and near a
+                // million sockets it took milliseconds (port search, established-hash
+                // walks): a long batch left answers unread for 17 s and connects timed out.
+                // So go back to polling every 5 ms of connecting.
+                if i % 16 == 15 && mono_ns() - now > 5_000_000 {
+                    break;
+                }
             }
             if self.total_attempted >= target && self.pending.is_empty() {
                 self.publish_progress();
@@ -364,6 +390,7 @@ impl Engine {
             frag: None,
             closing_by_us: false,
             alt,
+            ponged: false,
             close_deadline: 0,
         });
         self.pending.push_back(id);
@@ -438,19 +465,25 @@ impl Engine {
     fn finish_connect(&mut self, id: usize, hup: bool) {
         let c = &mut self.conns[id];
         let stream = c.stream.as_ref().expect("connecting stream");
+        // A reset here is the kernel's answer to the SYN (no listener, or a full queue with
+        // tcp_abort_on_overflow): named apart from a reset after the request was sent.
+        let connect_cause = |e: &io::Error| match classify(e) {
+            c if c == "reset" => "connect_reset".to_string(),
+            c => c,
+        };
         match stream.take_error() {
-            Ok(Some(e)) | Err(e) => return self.finish(id, &classify(&e)),
+            Ok(Some(e)) | Err(e) => return self.finish(id, &connect_cause(&e)),
             Ok(None) => {}
         }
         match stream.peer_addr() {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotConnected => {
                 if hup {
-                    self.finish(id, "reset");
+                    self.finish(id, "connect_reset");
                 }
                 return; // spurious wake-up; still connecting
             }
-            Err(e) => return self.finish(id, &classify(&e)),
+            Err(e) => return self.finish(id, &connect_cause(&e)),
         }
         let now = mono_ns();
         self.stats.tcp.record(now - c.started_ns);
@@ -479,14 +512,22 @@ impl Engine {
                 Ok(n) => c.inbuf.extend_from_slice(&self.scratch[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return self.finish(id, &classify(&e)),
+                Err(e) => {
+                    let cause = match classify(&e) {
+                        c if c == "reset" => "reset_before_response".to_string(),
+                        c => c,
+                    };
+                    return self.finish(id, &cause);
+                }
             }
         }
         let c = &mut self.conns[id];
         match ws::parse_response(&c.inbuf, &c.key) {
             Ok(None) => {
                 if eof {
-                    self.finish(id, "reset");
+                    // The server closed before answering the upgrade (e.g. its handshake
+                    // timeout passed before it read the request).
+                    self.finish(id, "closed_before_response");
                 }
             }
             Err(HandshakeError::Status(code)) => self.finish(id, &format!("http_{code}")),
@@ -702,6 +743,12 @@ impl Engine {
                     if state == State::Open {
                         self.frame(ws::OP_PONG, payload.len(), |p| p.copy_from_slice(payload));
                         self.send_out(id);
+                        self.pings_answered += 1;
+                        let c = &mut self.conns[id];
+                        if !c.ponged {
+                            c.ponged = true;
+                            self.conns_ponged += 1;
+                        }
                     }
                 }
                 ws::OP_PONG => {}

@@ -188,13 +188,12 @@ fn draw(
         }
         PlotSpec::Timeline { name } => {
             let t: Vec<f64> = out.timeline.iter().map(|s| s.t_s).collect();
-            let open: Vec<u64> = out.timeline.iter().map(|s| s.open).collect();
-            let rss: Option<Vec<u64>> = out.timeline.iter().map(|s| s.server_rss_bytes).collect();
             let path = format!("{stem}.{name}.svg");
-            let title = "open connections and server RSS over time";
+            let title = "connections, server memory and CPU, kernel memory over time";
+            let panels = timeline_panels(&out.timeline);
             (
                 name.clone(),
-                plot::timeline(&path, title, &t, &open, rss.as_deref()).map(|()| !t.is_empty()),
+                plot::timeline(&path, title, &t, &panels).map(|()| !t.is_empty()),
             )
         }
         PlotSpec::Ladder {
@@ -210,6 +209,55 @@ fn draw(
             )
         }
     }
+}
+
+/// The timeline's charts: connections always; server RSS and CPU with `--server-pid`;
+/// kernel slab and TCP buffer memory (system-wide) always.
+fn timeline_panels(tl: &[driver::Sample]) -> Vec<plot::Panel> {
+    use plotters::style::{BLUE, GREEN, MAGENTA, RED};
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let mut panels = vec![plot::Panel {
+        label: "open connections",
+        values: tl.iter().map(|s| s.open as f64).collect(),
+        color: BLUE,
+    }];
+    if let Some(rss) = tl
+        .iter()
+        .map(|s| s.server_rss_bytes)
+        .collect::<Option<Vec<u64>>>()
+    {
+        panels.push(plot::Panel {
+            label: "server RSS, all processes (MiB)",
+            values: rss.into_iter().map(mib).collect(),
+            color: RED,
+        });
+    }
+    panels.push(plot::Panel {
+        label: "kernel slab, whole box (MiB)",
+        values: tl.iter().map(|s| mib(s.kernel_slab_bytes)).collect(),
+        color: GREEN,
+    });
+    if let Some(cpu) = tl
+        .iter()
+        .map(|s| s.server_cpu_ns)
+        .collect::<Option<Vec<u64>>>()
+    {
+        // CPU cores busy over the second before each sample: CPU time is counted in clock
+        // ticks, so a 100 ms difference is mostly tick noise.
+        let cores: Vec<f64> = (0..tl.len())
+            .map(|i| {
+                let j = i.saturating_sub(10);
+                let dt = (tl[i].t_s - tl[j].t_s).max(1e-3);
+                cpu[i].saturating_sub(cpu[j]) as f64 / 1e9 / dt
+            })
+            .collect();
+        panels.push(plot::Panel {
+            label: "server CPU (cores)",
+            values: cores,
+            color: MAGENTA,
+        });
+    }
+    panels
 }
 
 /// `results/x.json` -> `results/x` (the prefix of the .hgrm and .svg files).

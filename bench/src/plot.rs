@@ -95,61 +95,52 @@ pub fn latency(path: &str, title: &str, series: &[(String, Vec<(f64, f64)>)]) ->
     root.present().map_err(err)
 }
 
-/// Open connections over time and, when known, the server's RSS.
-pub fn timeline(path: &str, title: &str, t: &[f64], open: &[u64], rss: Option<&[u64]>) -> Res {
-    if t.is_empty() {
+/// One stacked chart of a timeline plot: a quantity over time.
+pub struct Panel {
+    pub label: &'static str,
+    pub values: Vec<f64>,
+    pub color: RGBColor,
+}
+
+/// Quantities over time (open connections, server RSS, kernel memory, CPU), one chart each,
+/// stacked on a shared time axis.
+pub fn timeline(path: &str, title: &str, t: &[f64], panels: &[Panel]) -> Res {
+    if t.is_empty() || panels.is_empty() {
         return Ok(());
     }
-    let root =
-        SVGBackend::new(path, (960, if rss.is_some() { 760 } else { 420 })).into_drawing_area();
+    let height = 80 + 340 * panels.len() as u32;
+    let root = SVGBackend::new(path, (960, height)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let root = root.titled(title, ("sans-serif", 22)).map_err(err)?;
-    let areas = if rss.is_some() {
-        root.split_evenly((2, 1))
-    } else {
-        vec![root]
-    };
+    let areas = root.split_evenly((panels.len(), 1));
     let tmax = t.iter().copied().fold(0.1f64, f64::max);
-    let omax = open.iter().copied().max().unwrap_or(0).max(1) as f64 * 1.05;
-    let mut c = ChartBuilder::on(&areas[0])
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0f64..tmax, 0f64..omax)
-        .map_err(err)?;
-    c.configure_mesh()
-        .x_desc("seconds")
-        .y_desc("open connections")
-        .y_label_formatter(&|y| format!("{y:.0}"))
-        .draw()
-        .map_err(err)?;
-    c.draw_series(LineSeries::new(
-        t.iter().copied().zip(open.iter().map(|&v| v as f64)),
-        BLUE.stroke_width(2),
-    ))
-    .map_err(err)?;
-    if let Some(rss) = rss {
-        let mib: Vec<f64> = rss.iter().map(|&b| b as f64 / 1048576.0).collect();
-        let lo = mib.iter().copied().fold(f64::MAX, f64::min).max(0.0) * 0.95;
-        let hi = mib.iter().copied().fold(0.0f64, f64::max) * 1.05 + 0.1;
-        let mut c = ChartBuilder::on(&areas[1])
+    for (area, p) in areas.iter().zip(panels) {
+        let hi = p.values.iter().copied().fold(0.0f64, f64::max).max(1e-3) * 1.05;
+        let mut c = ChartBuilder::on(area)
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(80)
-            .build_cartesian_2d(0f64..tmax, lo..hi)
+            .build_cartesian_2d(0f64..tmax, 0f64..hi)
             .map_err(err)?;
         c.configure_mesh()
             .x_desc("seconds")
-            .y_desc("server RSS (MiB)")
+            .y_desc(p.label)
+            .y_label_formatter(&|y| {
+                if hi >= 100.0 {
+                    format!("{y:.0}")
+                } else {
+                    format!("{y:.2}")
+                }
+            })
             .draw()
             .map_err(err)?;
         c.draw_series(LineSeries::new(
-            t.iter().copied().zip(mib),
-            RED.stroke_width(2),
+            t.iter().copied().zip(p.values.iter().copied()),
+            p.color.stroke_width(2),
         ))
         .map_err(err)?;
     }
-    areas[0].present().map_err(err)
+    root.present().map_err(err)
 }
 
 /// Ladder: time until the last member has the message (p50 and p95) by room size.
@@ -224,12 +215,19 @@ mod tests {
         let svg = std::fs::read_to_string(&p).unwrap();
         assert!(svg.contains("<svg") && svg.contains("percentile") && svg.contains("rtt"));
         let t = dir.join("t.svg");
+        let panel = |label, values: &[f64]| Panel {
+            label,
+            values: values.to_vec(),
+            color: BLUE,
+        };
         timeline(
             t.to_str().unwrap(),
             "conns",
             &[0.0, 1.0, 2.0],
-            &[0, 10, 20],
-            Some(&[1 << 20, 2 << 20, 3 << 20]),
+            &[
+                panel("open connections", &[0.0, 10.0, 20.0]),
+                panel("server RSS (MiB)", &[1.0, 2.0, 3.0]),
+            ],
         )
         .unwrap();
         assert!(std::fs::read_to_string(&t).unwrap().contains("server RSS"));

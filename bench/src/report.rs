@@ -291,37 +291,7 @@ pub fn connect(sc: &Scenario, a: &ConnectArgs, plan: &Plan, out: &RunOutcome) ->
     if r.opened == 0 {
         problems.push("no connection opened".into());
     }
-    if let (Some(before), Some(after)) = (out.server_before, st.and_then(|s| s.server_at_ready)) {
-        let n = r.opened.max(1) as f64;
-        let rss_delta = after.rss_bytes as f64 - before.rss_bytes as f64;
-        let slab_delta = after.kernel.slab_bytes as f64 - before.kernel.slab_bytes as f64;
-        let tcpmem_delta = after.kernel.tcp_mem_bytes as f64 - before.kernel.tcp_mem_bytes as f64;
-        m.insert(
-            "server".into(),
-            json!({
-                "pid": sc.common().server_pid,
-                "rss_before_bytes": before.rss_bytes,
-                "rss_after_bytes": after.rss_bytes,
-                "rss_at_end_bytes": out.server_after.map(|x| x.rss_bytes),
-                "rss_per_conn_bytes": rss_delta / n,
-                "kernel_before": before.kernel,
-                "kernel_after": after.kernel,
-                "kernel_slab_per_conn_bytes": slab_delta / n,
-                "kernel_tcp_mem_per_conn_bytes": tcpmem_delta / n,
-                "kernel_note": "system-wide: on loopback, both ends of every connection (client and server sockets) are included",
-                "cpu_s_connecting": secs(after.cpu_ns.saturating_sub(before.cpu_ns)),
-            }),
-        );
-        let _ = writeln!(
-            s,
-            "  server RSS: {:.1} -> {:.1} MiB = {:.0} bytes/connection; kernel slab {:.0} bytes/connection (both ends), TCP buffer mem {:.0} bytes/connection",
-            before.rss_bytes as f64 / 1048576.0,
-            after.rss_bytes as f64 / 1048576.0,
-            rss_delta / n,
-            slab_delta / n,
-            tcpmem_delta / n
-        );
-    }
+    server_figures(&mut m, &mut s, sc, out, st, r);
     let _ = writeln!(
         s,
         "  held {} open for {:.1}s; {} still open at the end",
@@ -364,6 +334,72 @@ pub fn connect(sc: &Scenario, a: &ConnectArgs, plan: &Plan, out: &RunOutcome) ->
             },
         ],
     }
+}
+
+/// The server's memory per connection (summed over the `--server-pid` processes) and the
+/// kernel's (system-wide), from before the run to when all connected; and its CPU while the
+/// connections were held idle (from all open to the go), with the pings answered then.
+fn server_figures(
+    m: &mut Map<String, Value>,
+    s: &mut String,
+    sc: &Scenario,
+    out: &RunOutcome,
+    st: Option<&StageOutcome>,
+    r: &StageResult,
+) {
+    let (Some(before), Some(after)) = (out.server_before, st.and_then(|s| s.server_at_ready))
+    else {
+        return;
+    };
+    let n = r.opened.max(1) as f64;
+    let rss_delta = after.rss_bytes as f64 - before.rss_bytes as f64;
+    let slab_delta = after.kernel.slab_bytes as f64 - before.kernel.slab_bytes as f64;
+    let tcpmem_delta = after.kernel.tcp_mem_bytes as f64 - before.kernel.tcp_mem_bytes as f64;
+    let mut server = json!({
+        "pid": sc.common().server_pid,
+        "rss_before_bytes": before.rss_bytes,
+        "rss_after_bytes": after.rss_bytes,
+        "rss_at_end_bytes": out.server_after.map(|x| x.rss_bytes),
+        "rss_per_conn_bytes": rss_delta / n,
+        "kernel_before": before.kernel,
+        "kernel_after": after.kernel,
+        "kernel_slab_per_conn_bytes": slab_delta / n,
+        "kernel_tcp_mem_per_conn_bytes": tcpmem_delta / n,
+        "kernel_note": "system-wide: on loopback, both ends of every connection (client and server sockets) are included",
+        "cpu_s_connecting": secs(after.cpu_ns.saturating_sub(before.cpu_ns)),
+    });
+    let _ = writeln!(
+        s,
+        "  server RSS: {:.1} -> {:.1} MiB = {:.0} bytes/connection; kernel slab {:.0} bytes/connection (both ends), TCP buffer mem {:.0} bytes/connection",
+        before.rss_bytes as f64 / 1048576.0,
+        after.rss_bytes as f64 / 1048576.0,
+        rss_delta / n,
+        slab_delta / n,
+        tcpmem_delta / n
+    );
+    if let Some(open) = st.and_then(|s| s.server_at_all_open) {
+        let dt = (after.t_s - open.t_s).max(0.0);
+        let cpu_ns = after.cpu_ns.saturating_sub(open.cpu_ns);
+        if dt >= 0.5 {
+            let cores = cpu_ns as f64 / 1e9 / dt;
+            server["hold"] = json!({
+                "seconds": dt,
+                "cpu_s": secs(cpu_ns),
+                "cpu_cores": cores,
+                "pings_answered": r.pings_answered,
+                "connections_that_answered_a_ping": r.conns_ponged,
+                "note": "pings counted while held; connections counted over the whole run",
+                "cpu_us_per_ping": (r.pings_answered > 0)
+                    .then(|| cpu_ns as f64 / 1e3 / r.pings_answered as f64),
+            });
+            let _ = writeln!(
+                s,
+                "  hold: {dt:.1}s idle, server CPU {cores:.3} cores; {} pings answered by {} connections",
+                r.pings_answered, r.conns_ponged
+            );
+        }
+    }
+    m.insert("server".into(), server);
 }
 
 pub fn echo(sc: &Scenario, a: &EchoArgs, plan: &Plan, out: &RunOutcome) -> Report {
@@ -454,6 +490,18 @@ pub fn broadcast(sc: &Scenario, a: &BroadcastArgs, plan: &Plan, out: &RunOutcome
     if let Some(st) = st {
         cpu_figures(&mut m, &mut s, out, st, r.received, "deliveries");
     }
+    server_figures(&mut m, &mut s, sc, out, st, r);
+    m.insert("timeline".into(), json!(out.timeline));
+    m.insert(
+        "loadgen_longest_busy_ms".into(),
+        json!({"run": r.max_turn_gap_ns as f64 / 1e6, "closing": out.closing.max_turn_gap_ns as f64 / 1e6}),
+    );
+    let _ = writeln!(
+        s,
+        "  load generator: longest span without polling {:.0} ms while running, {:.0} ms while closing",
+        r.max_turn_gap_ns as f64 / 1e6,
+        out.closing.max_turn_gap_ns as f64 / 1e6
+    );
     for (what, n) in [
         ("lost", r.lost),
         ("duplicated", r.duplicated),
@@ -472,7 +520,11 @@ pub fn broadcast(sc: &Scenario, a: &BroadcastArgs, plan: &Plan, out: &RunOutcome
         "broadcast: {} members, {} x {} msgs of {} B: delivery latency",
         a.subs, a.pubs, a.msgs, a.size
     );
-    one_latency_report(m, s, problems, r, "delivery", title)
+    let mut report = one_latency_report(m, s, problems, r, "delivery", title);
+    report.plots.push(PlotSpec::Timeline {
+        name: "timeline".into(),
+    });
+    report
 }
 
 /// Per-step verdict of the ladder.

@@ -45,6 +45,16 @@ pub struct StageResult {
     pub run_end_ns: u64,
     /// CPU time of the worker threads while the stage ran.
     pub cpu_ns: u64,
+    /// Server pings answered while the connections were held (their CPU cost is the hold's),
+    /// and connections that answered at least one during the whole run: each of those was
+    /// alive end to end.
+    #[serde(default)]
+    pub pings_answered: u64,
+    #[serde(default)]
+    pub conns_ponged: u64,
+    /// The longest a worker went without polling its sockets.
+    #[serde(default)]
+    pub max_turn_gap_ns: u64,
     /// Ladder: per broadcast round.
     pub rounds: Vec<RoundStat>,
     pub notes: Vec<String>,
@@ -99,6 +109,9 @@ impl StageResult {
         min_set(&mut self.run_start_ns, o.run_start_ns);
         self.run_end_ns = self.run_end_ns.max(o.run_end_ns);
         self.cpu_ns += o.cpu_ns;
+        self.pings_answered += o.pings_answered;
+        self.conns_ponged += o.conns_ponged;
+        self.max_turn_gap_ns = self.max_turn_gap_ns.max(o.max_turn_gap_ns);
         if self.rounds.len() < o.rounds.len() {
             self.rounds.resize(o.rounds.len(), RoundStat::default());
         }

@@ -210,6 +210,7 @@ fn finish<B: Behavior>(ctx: &WorkerCtx, eng: &mut Engine, b: &mut B) -> io::Resu
     eng.close_all(b, Duration::from_secs(3))?;
     let mut r = eng.take_conn_stats();
     r.workers = 1;
+    r.max_turn_gap_ns = eng.max_turn_gap_ns;
     Ok(r)
 }
 
@@ -226,6 +227,7 @@ fn connect(ctx: &WorkerCtx, a: &ConnectArgs) -> io::Result<StageResult> {
     }
     let clock = RunClock::start();
     let end = clock.start + (a.hold * 1e9) as u64;
+    let pings_before_hold = eng.pings_answered;
     loop {
         let now = mono_ns();
         if now >= end || eng.cmd() == STOP {
@@ -235,6 +237,8 @@ fn connect(ctx: &WorkerCtx, a: &ConnectArgs) -> io::Result<StageResult> {
     }
     // Drops during the hold join the connect figures.
     clock.end(&mut eng, &mut r, mono_ns());
+    r.pings_answered = eng.pings_answered - pings_before_hold;
+    r.conns_ponged = eng.conns_ponged;
     ctx.send(RunnerMsg::Done(0, Box::new(r)));
     finish(ctx, &mut eng, &mut b)
 }
@@ -550,10 +554,21 @@ fn broadcast(ctx: &WorkerCtx, a: &BroadcastArgs) -> io::Result<StageResult> {
     let Some(mut r) = ctx.ramp(&mut eng, &mut b, a.subs)? else {
         return finish(ctx, &mut eng, &mut b);
     };
+    let pings_before_hold = eng.pings_answered;
     if a.settle > 0.0 {
-        // Before the go: every worker settles before any publishes.
-        std::thread::sleep(std::time::Duration::from_secs_f64(a.settle));
+        // Before the go: every worker settles before any publishes, still answering the
+        // server's pings (a hold long enough for a ping interval checks every connection).
+        let end = mono_ns() + (a.settle * 1e9) as u64;
+        loop {
+            let now = mono_ns();
+            if now >= end || eng.cmd() == STOP {
+                break;
+            }
+            eng.turn(&mut b, Duration::from_nanos(end - now).min(TICK))?;
+        }
     }
+    r.pings_answered = eng.pings_answered - pings_before_hold;
+    r.conns_ponged = eng.conns_ponged;
     // Publisher p lives on worker p % workers, as its local connection p / workers.
     let mut notes = Vec::new();
     for p in (ctx.g as u64..a.pubs).step_by(wt) {
@@ -627,6 +642,8 @@ fn broadcast(ctx: &WorkerCtx, a: &BroadcastArgs) -> io::Result<StageResult> {
     r.notes = notes;
     r.hists
         .insert("delivery".into(), std::mem::take(&mut b.hist));
+    r.max_turn_gap_ns = eng.max_turn_gap_ns;
+    eng.max_turn_gap_ns = 0;
     ctx.send(RunnerMsg::Done(0, Box::new(r)));
     finish(ctx, &mut eng, &mut b)
 }
