@@ -18,11 +18,17 @@
 //! [`MessageInflate::feed`], and its last frame to [`MessageInflate::finish`]; the size bound
 //! is on the inflated bytes. Errors close with [`InflateError::close_code`]: 1009 for too big,
 //! 1007 for corrupt data. Text is validated as UTF-8 after inflating.
+//!
+//! Where the server does this: the handshake (`handshake.rs`) negotiates and the session
+//! (`session.rs`) keeps the [`Agreement`]; `session/parse.rs` inflates; the worker compresses
+//! room batches and echoes with a [`FrameCompressor`] (`worker/fanout.rs`).
 
 mod codec;
+mod frames;
 mod negotiate;
 #[cfg(test)]
-mod reference;
+pub(crate) mod reference;
 
 pub use codec::{CompressFailed, Compressor, InflateError, Inflater, InflaterPool, MessageInflate};
+pub use frames::{compressed_bound, CompressStats, FrameCompressor};
 pub use negotiate::{negotiate, Agreement, DeflateConfig, Malformed};
