@@ -49,7 +49,6 @@
 #   AUTOBAHN_DEADLINE      seconds for the whole case run (default 600)
 set -euo pipefail
 
-KOSOKU_VERSION=0.1.0
 READY_TIMEOUT=20   # seconds for the server to write its ready file
 STOP_TIMEOUT=15    # seconds for the server to exit after SIGTERM
 
@@ -88,25 +87,9 @@ trap stop_server EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# 1. kosoku, pinned, in the repository's venv.
-command -v python3 >/dev/null || die "python3 is required"
-python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
-    die "kosoku needs Python >= 3.10, python3 is $(python3 -V 2>&1)"
-if [[ -e $VENV ]] && ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
-    log "$VENV is broken (its python does not run); recreating it"
-    rm -rf "$VENV"
-fi
-if [[ ! -x $VENV/bin/python ]]; then
-    log "creating $VENV"
-    python3 -m venv "$VENV" || die "python3 -m venv failed (on Debian: apt-get install python3-venv)"
-fi
+# 1. kosoku, pinned, in the repository's venv (scripts/requirements.txt).
+"$ROOT/scripts/venv.sh" || die "scripts/venv.sh could not set up $VENV"
 PY="$VENV/bin/python"
-if ! "$PY" -c 'import importlib.metadata as m, sys; sys.exit(m.version("kosoku") != sys.argv[1])' \
-    "$KOSOKU_VERSION" 2>/dev/null; then
-    log "installing kosoku==$KOSOKU_VERSION into $VENV"
-    timeout 600 "$PY" -m pip install --quiet --disable-pip-version-check \
-        "kosoku==$KOSOKU_VERSION" || die "pip install kosoku==$KOSOKU_VERSION failed"
-fi
 
 # 2. The server binary.
 if [[ -n ${MEGASOCK_BIN:-} ]]; then
