@@ -149,3 +149,125 @@ fn zip_bomb_allocates_no_more_than_the_bound() {
     );
     println!("zip bomb: peak heap {peak} B for a {bound} B bound");
 }
+
+/// The worker's side of a session, for the session-level figures below.
+#[derive(Default)]
+struct Host {
+    inflating: megasock::session::Inflating,
+    messages: Vec<Vec<u8>>,
+    closes: Vec<u16>,
+}
+
+impl megasock::session::Host for Host {
+    fn upgraded(
+        &mut self,
+        _: megasock::handshake::Route<'_>,
+        _: Option<megasock::deflate::Agreement>,
+    ) {
+    }
+    fn message(&mut self, _: megasock::codec::Kind, payload: &[u8]) {
+        self.messages.push(payload.to_vec());
+    }
+    fn send(&mut self, bytes: bytes::Bytes) {
+        if bytes.first() == Some(&0x88) {
+            self.closes.push(u16::from_be_bytes([bytes[2], bytes[3]]));
+        }
+    }
+    fn before_close(&mut self) {}
+    fn ended(&mut self, _: megasock::metrics::Disconnect) {}
+    fn http_status(&mut self, _: u16) {}
+    fn inflating(&mut self) -> &mut megasock::session::Inflating {
+        &mut self.inflating
+    }
+}
+
+/// An open session that negotiated permessage-deflate (as a browser offers it).
+fn deflate_session(lim: &megasock::session::Limits, host: &mut Host) -> megasock::session::Session {
+    let mut s = megasock::session::Session::new(0);
+    let mut req = b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n"
+        .to_vec();
+    s.receive(&mut req, lim, 1, host);
+    assert!(s.deflate().is_some());
+    s
+}
+
+/// A masked, final client frame with RSV1 (compressed).
+fn compressed_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = vec![0xC0 | opcode];
+    if payload.len() < 126 {
+        v.push(0x80 | payload.len() as u8);
+    } else if payload.len() < 65536 {
+        v.push(0x80 | 126);
+        v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    } else {
+        v.push(0x80 | 127);
+        v.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    }
+    v.extend_from_slice(&[0; 4]); // mask 0: the payload as it is
+    v.extend_from_slice(payload);
+    v
+}
+
+fn limits(max_message: usize) -> megasock::session::Limits {
+    megasock::session::Limits {
+        max_message,
+        handshake: 100,
+        ping: 300,
+        idle: 750,
+        close: 20,
+        drain_until: None,
+        proxy: false,
+        deflate: megasock::deflate::DeflateConfig::default(),
+    }
+}
+
+#[test]
+fn a_session_fed_a_zip_bomb_peaks_at_the_inflater_and_the_bound() {
+    let max = 64 << 10;
+    let lim = limits(max);
+    let mut host = Host::default();
+    let mut s = deflate_session(&lim, &mut host);
+    // 16 KiB that would inflate to 16 MiB, in one frame.
+    let mut frame = compressed_frame(2, &reference::zip_bomb((16 << 20) / 258));
+    let m = measure(|| s.receive(&mut frame, &lim, 2, &mut host));
+    assert_eq!(host.closes, [1009]);
+    assert!(host.messages.is_empty());
+    // The inflater, the output buffer grown to the bound (with its last smaller step while
+    // copying) and a close frame; nothing near 16 MiB.
+    let peak = m.bytes_max as usize;
+    println!("zip bomb through a session: peak heap {peak} B (bound {max} B)");
+    assert!(
+        peak <= Inflater::HEAP_BYTES + max + max / 2 + 1024,
+        "peak {peak}"
+    );
+}
+
+#[test]
+fn a_deflate_session_holds_nothing_between_messages() {
+    let lim = limits(1 << 20);
+    let mut host = Host::default();
+    let mut s = deflate_session(&lim, &mut host);
+    let msg = chat(2000);
+    let frame = compressed_frame(1, &compressed(&msg, 15));
+    // The first message warms the worker's pool and buffer.
+    s.receive(&mut frame.clone(), &lim, 2, &mut host);
+    let m = measure(|| {
+        for _ in 0..10 {
+            s.receive(&mut frame.clone(), &lim, 2, &mut host);
+        }
+    });
+    assert_eq!(host.messages.len(), 11);
+    assert!(host.messages.iter().all(|m| *m == msg));
+    // What stays allocated after each message: only the recorded messages themselves (and
+    // the frame copies, freed), nothing held by the session or taken from the pool.
+    let recorded = 10 * msg.len() as i64;
+    assert!(
+        m.bytes_current <= recorded + 64 * 10,
+        "{} B left after 10 messages",
+        m.bytes_current
+    );
+    assert!(!s.holds_inflater());
+    assert_eq!(s.buffered_capacity(), 0);
+}
