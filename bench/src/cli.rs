@@ -119,6 +119,13 @@ pub struct Common {
     #[arg(long)]
     pub text: bool,
 
+    /// Offer this Sec-WebSocket-Extensions value in every upgrade, e.g. 'permessage-deflate;
+    /// client_max_window_bits' (what browsers send), to measure what a server holds per
+    /// connection that agreed to it. Offer only: the load generator implements no extension,
+    /// so use it where only control frames flow (connect)
+    #[arg(long, value_name = "VALUE")]
+    pub extensions: Option<String>,
+
     /// Progress display on stderr: auto (a bar on a terminal, lines otherwise), bar, lines, none
     #[arg(long, default_value = "auto", value_parser = ["auto", "bar", "lines", "none"])]
     pub progress: String,

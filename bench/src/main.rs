@@ -282,9 +282,18 @@ fn max_connections(sc: &Scenario) -> u64 {
 fn make_plan(sc: &Scenario) -> Result<Plan, String> {
     validate(sc)?;
     let c = sc.common();
-    let target = ws::parse_url(&c.url)?;
+    let offer = |mut t: ws::Target| {
+        t.extensions = c.extensions.clone();
+        t
+    };
+    let target = offer(ws::parse_url(&c.url)?);
     let members_target = match sc {
-        Scenario::Broadcast(a) => a.members_url.as_deref().map(ws::parse_url).transpose()?,
+        Scenario::Broadcast(a) => a
+            .members_url
+            .as_deref()
+            .map(ws::parse_url)
+            .transpose()?
+            .map(offer),
         _ => None,
     };
     let source_ips = match &c.source_ips {

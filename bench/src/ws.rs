@@ -23,6 +23,8 @@ pub struct Target {
     /// `Host` header value
     pub host: String,
     pub path: String,
+    /// `Sec-WebSocket-Extensions` value to offer (`--extensions`), if any.
+    pub extensions: Option<String>,
 }
 
 pub fn parse_url(url: &str) -> Result<Target, String> {
@@ -63,6 +65,7 @@ pub fn parse_url(url: &str) -> Result<Target, String> {
         addr,
         host: authority.to_string(),
         path: path.to_string(),
+        extensions: None,
     })
 }
 
@@ -103,6 +106,10 @@ pub fn write_request(t: &Target, key: &[u8; 24], out: &mut Vec<u8>) {
         b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ",
     );
     out.extend_from_slice(key);
+    if let Some(e) = &t.extensions {
+        out.extend_from_slice(b"\r\nSec-WebSocket-Extensions: ");
+        out.extend_from_slice(e.as_bytes());
+    }
     out.extend_from_slice(b"\r\n\r\n");
 }
 
