@@ -248,7 +248,7 @@ fn main() {
     println!("| message | codec | level | compressed B | compress ns | inflate ns |");
     println!("|---|---|---|---|---|---|");
     for (name, msg) in [("64 B", &small), ("1 KiB", &large)] {
-        for level in [1, 2, 6] {
+        for level in [1, 2, 3, 6] {
             for row in [
                 zlib_rs(msg, level),
                 miniz(msg, level),
