@@ -8,9 +8,11 @@
 //!   ([`Agreement::compress_window_bits`]): a room's batch is compressed once per window size
 //!   present among its members (in practice once: browsers never ask for a smaller window) and
 //!   the frame is shared like an uncompressed one.
-//! - A connection stores an [`Agreement`] (1 byte) and a [`MessageInflate`] (8 bytes, empty
-//!   between messages unless the client keeps context takeover, which the server grants only
-//!   if configured to: [`DeflateConfig::allow_client_context_takeover`]).
+//! - A connection stores an [`Agreement`] (1 byte; the session keeps an `Option` of it in what
+//!   was padding) and, only while a compressed message is in flight, a [`MessageInflate`]
+//!   (8 bytes, in the session's boxed inbound state; it stays between messages only if the
+//!   client keeps context takeover, which the server grants only if configured to:
+//!   [`DeflateConfig::allow_client_context_takeover`]).
 //!
 //! Rules for the caller (RFC 7692 §6): RSV1 marks a compressed message on its first frame only;
 //! RSV1 on a continuation or control frame, or on any frame of a connection without an
