@@ -59,18 +59,21 @@ impl FrameCompressor {
     /// Re-encodes `plain` (whole, unmasked, final data frames, as `FrameBatch` makes them)
     /// for recipients whose agreement compresses with `window_bits`: each message of at least
     /// the minimum size goes compressed if that makes it smaller, the others as they were.
-    /// Anything that is not such a frame (never produced today) is copied as it is, from there
-    /// to the end, so the byte stream stays valid whatever comes in.
+    /// If none is compressed, the result is `plain` itself (a refcount, no copy). Anything
+    /// that is not such a frame (never produced today) is copied as it is, from there to the
+    /// end, so the byte stream stays valid whatever comes in.
     pub fn compress_frames(
         &mut self,
-        plain: &[u8],
+        plain: &Bytes,
         window_bits: u8,
         stats: &mut CompressStats,
     ) -> Bytes {
-        let mut out = BytesMut::with_capacity(plain.len());
-        let mut rest = plain;
-        while let Some((kind, header_len, len)) = data_frame(rest) {
-            let payload = &rest[header_len..header_len + len];
+        // Made at the first message that is compressed, with everything before it.
+        let mut out: Option<BytesMut> = None;
+        let mut pos = 0;
+        while let Some((kind, header_len, len)) = data_frame(&plain[pos..]) {
+            let end = pos + header_len + len;
+            let payload = &plain[pos + header_len..end];
             self.scratch.clear();
             let smaller = len >= self.min_size
                 && self
@@ -79,22 +82,34 @@ impl FrameCompressor {
                     .is_ok()
                 && self.scratch.len() < len;
             if smaller {
-                codec::encode_compressed_header(&mut out, kind, self.scratch.len());
-                out.put_slice(&self.scratch);
+                let o = out.get_or_insert_with(|| {
+                    let mut o = BytesMut::with_capacity(plain.len());
+                    o.put_slice(&plain[..pos]);
+                    o
+                });
+                codec::encode_compressed_header(o, kind, self.scratch.len());
+                o.put_slice(&self.scratch);
                 stats.compressed += 1;
                 stats.bytes_in += len as u64;
                 stats.bytes_out += self.scratch.len() as u64;
             } else {
-                out.put_slice(&rest[..header_len + len]);
+                if let Some(o) = out.as_mut() {
+                    o.put_slice(&plain[pos..end]);
+                }
                 stats.plain += 1;
             }
-            rest = &rest[header_len + len..];
+            pos = end;
         }
-        out.put_slice(rest);
         if self.scratch.capacity() > KEEP_SCRATCH {
             self.scratch = Vec::new();
         }
-        out.freeze()
+        match out {
+            None => plain.clone(),
+            Some(mut o) => {
+                o.put_slice(&plain[pos..]);
+                o.freeze()
+            }
+        }
     }
 
     /// Window sizes with a compress stream allocated (each about 250–380 KiB).
@@ -190,6 +205,7 @@ mod tests {
         let mut stats = CompressStats::default();
         let out = c.compress_frames(&plain, 15, &mut stats);
         let got = frames(&out);
+        assert!(out.len() < plain.len() / 2);
         assert_eq!(got.len(), 4);
         assert_eq!(
             got[0],
@@ -221,6 +237,14 @@ mod tests {
     fn anything_else_is_copied_as_it_is() {
         let mut c = FrameCompressor::new(3, 0);
         let mut stats = CompressStats::default();
+        // Nothing compressed: the same buffer comes back, not a copy.
+        let mut batch = FrameBatch::default();
+        batch.push(OutKind::Text, b"tiny");
+        batch.push(OutKind::Binary, &[1, 2, 3]);
+        let plain = batch.take().unwrap().bytes;
+        let out = c.compress_frames(&plain, 15, &mut stats);
+        assert_eq!(out.as_ptr(), plain.as_ptr());
+        assert_eq!(stats.plain, 2);
         for odd in [
             &[0x89u8, 0x00][..],       // a ping
             &[0x01, 0x01, b'x'],       // not final
@@ -230,7 +254,7 @@ mod tests {
         ] {
             let mut plain = codec::encode(OutKind::Text, &[b'a'; 200]).to_vec();
             plain.extend_from_slice(odd);
-            let out = c.compress_frames(&plain, 15, &mut stats);
+            let out = c.compress_frames(&Bytes::from(plain), 15, &mut stats);
             assert_eq!(out[0], 0xC1);
             assert!(out.ends_with(odd), "{odd:x?}");
         }
