@@ -126,6 +126,32 @@ pub struct ServeArgs {
     #[serde(default)]
     pub no_demo: bool,
 
+    /// Do not negotiate permessage-deflate (RFC 7692): every connection is uncompressed and
+    /// `Sec-WebSocket-Extensions` offers are ignored. [default: negotiated when offered]
+    #[arg(long)]
+    #[serde(default)]
+    pub no_deflate: bool,
+
+    /// With permessage-deflate, messages shorter than this (bytes; KiB suffixes accepted) go
+    /// uncompressed: compressing one costs about 2 µs and a short message rarely shrinks.
+    /// [default: 128]
+    #[arg(long, value_name = "SIZE")]
+    pub deflate_min_size: Option<ByteSize>,
+
+    /// zlib level for permessage-deflate, 1-9. Level 1 uses fixed Huffman codes only
+    /// (JSON comes out about 25 % larger); each message is compressed once per room, not per
+    /// member, so a middle level is cheap. [default: 3]
+    #[arg(long, value_name = "N")]
+    pub deflate_level: Option<u32>,
+
+    /// Let clients compress each message with the previous ones as context (client context
+    /// takeover): their messages shrink more, but each such connection then holds a 47 KiB
+    /// inflate state while idle. Off: clients are told `client_no_context_takeover`.
+    /// [default: off]
+    #[arg(long)]
+    #[serde(default)]
+    pub deflate_client_context_takeover: bool,
+
     /// Log line format: `human` (default) or `json` (one object per line, for collectors).
     /// [default: human]
     #[arg(long, value_name = "FORMAT")]
@@ -207,6 +233,12 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     pub admin_token: Option<String>,
     pub demo: bool,
+    /// permessage-deflate: what the handshake agrees to (`enabled` false with --no-deflate).
+    pub deflate: crate::deflate::DeflateConfig,
+    /// Payloads shorter than this go uncompressed.
+    pub deflate_min_size: usize,
+    /// zlib level, 1..=9.
+    pub deflate_level: u32,
     pub log_format: LogFormat,
     pub takeover: Option<PathBuf>,
     pub proxy_protocol: bool,
@@ -282,6 +314,8 @@ impl ServeArgs {
             ring_capacity,
             admin,
             admin_token,
+            deflate_min_size,
+            deflate_level,
             log_format,
             takeover,
             redis,
@@ -296,6 +330,8 @@ impl ServeArgs {
         }
         self.pin |= file.pin;
         self.no_demo |= file.no_demo;
+        self.no_deflate |= file.no_deflate;
+        self.deflate_client_context_takeover |= file.deflate_client_context_takeover;
         self.redis_required |= file.redis_required;
         self.proxy_protocol |= file.proxy_protocol;
         self.redis_sharded |= file.redis_sharded;
@@ -342,6 +378,15 @@ impl ServeArgs {
                 "must be between 4KiB and 1GiB (it is a size in bytes since 0.2: try 4MiB)",
             ));
         }
+        let deflate_level = self.deflate_level.unwrap_or(3);
+        if !(1..=9).contains(&deflate_level) {
+            return Err(err("deflate-level", "must be between 1 and 9"));
+        }
+        let deflate = crate::deflate::DeflateConfig {
+            enabled: !self.no_deflate,
+            allow_client_context_takeover: self.deflate_client_context_takeover,
+            ..Default::default()
+        };
         if self.redis.is_none() && (self.redis_stream.is_some() || self.redis_required) {
             return Err(err(
                 "redis-stream",
@@ -366,6 +411,9 @@ impl ServeArgs {
             admin: self.admin,
             admin_token: self.admin_token.filter(|t| !t.is_empty()),
             demo: !self.no_demo,
+            deflate,
+            deflate_min_size: self.deflate_min_size.map_or(128, |b| b.0),
+            deflate_level,
             log_format: self.log_format.unwrap_or(LogFormat::Human),
             takeover: self.takeover,
             proxy_protocol: self.proxy_protocol,
@@ -522,6 +570,43 @@ mod tests {
         assert_eq!(cfg.max_message_size, 1 << 20);
         assert_eq!(cfg.idle_timeout, Duration::from_secs(20));
         assert_eq!(cfg.backlog, 4096);
+    }
+
+    #[test]
+    fn deflate_options() {
+        let cfg = Config::default();
+        assert!(cfg.deflate.enabled);
+        assert!(!cfg.deflate.allow_client_context_takeover);
+        assert_eq!((cfg.deflate_min_size, cfg.deflate_level), (128, 3));
+        let dir = std::env::temp_dir().join(format!("megasock-cfg-d-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.toml");
+        std::fs::write(
+            &path,
+            "no-deflate = true\ndeflate-min-size = \"1KiB\"\ndeflate-level = 6\n\
+             deflate-client-context-takeover = true\n",
+        )
+        .unwrap();
+        let cfg = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .merge_config_file()
+        .unwrap()
+        .resolve()
+        .unwrap();
+        assert!(!cfg.deflate.enabled);
+        assert!(cfg.deflate.allow_client_context_takeover);
+        assert_eq!((cfg.deflate_min_size, cfg.deflate_level), (1024, 6));
+        for bad in [0, 10] {
+            let e = ServeArgs {
+                deflate_level: Some(bad),
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap_err();
+            assert!(e.to_string().contains("--deflate-level"), "{e}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod bus;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod deflate;
 pub mod handshake;
 pub mod limits;
 pub mod listener;

@@ -33,6 +33,7 @@
 use bytes::Bytes;
 
 use crate::codec::{self, Kind, OutKind, Parsed, PartialText, Utf8Stream, Violation};
+use crate::deflate::{Agreement, DeflateConfig, InflateError, InflaterPool};
 use crate::handshake::{self, Page, Route, Upgrade};
 use crate::metrics::Disconnect;
 
@@ -64,12 +65,52 @@ pub struct Limits {
     pub drain_until: Option<u32>,
     /// Connections start with a PROXY protocol header (`--proxy-protocol`).
     pub proxy: bool,
+    /// What permessage-deflate negotiation may agree to.
+    pub deflate: DeflateConfig,
+}
+
+/// What a session borrows from its worker to inflate permessage-deflate messages: spare
+/// inflaters (a connection holds one only while a compressed message is in flight, unless
+/// the client keeps context takeover) and the buffer a one-frame message is inflated into.
+pub struct Inflating {
+    pub pool: InflaterPool,
+    out: Vec<u8>,
+}
+
+impl Default for Inflating {
+    fn default() -> Self {
+        Inflating::new(4)
+    }
+}
+
+impl Inflating {
+    /// Keeps at most `spare` idle inflaters (47,712 B each).
+    pub fn new(spare: usize) -> Inflating {
+        Inflating {
+            pool: InflaterPool::new(spare),
+            out: Vec::new(),
+        }
+    }
+
+    fn take_buffer(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Takes the buffer back for the next message, unless a big message grew it: a worker
+    /// should not pin up to `--max-message-size` after one.
+    fn put_buffer(&mut self, mut out: Vec<u8>) {
+        if out.capacity() <= 64 * 1024 {
+            out.clear();
+            self.out = out;
+        }
+    }
 }
 
 /// What a session asks of the server around it while it reads.
 pub trait Host {
-    /// The upgrade was accepted for `route` (the 101 response follows through [`Host::send`]).
-    fn upgraded(&mut self, route: Route<'_>);
+    /// The upgrade was accepted for `route`, with permessage-deflate if `deflate` (the 101
+    /// response follows through [`Host::send`]).
+    fn upgraded(&mut self, route: Route<'_>, deflate: Option<Agreement>);
     /// A complete, checked data message from an open connection.
     fn message(&mut self, kind: Kind, payload: &[u8]);
     /// Bytes to write after everything emitted before them (pong, close, HTTP response).
@@ -83,6 +124,16 @@ pub trait Host {
     fn http_status(&mut self, status: u16);
     /// A ping went out to a quiet connection.
     fn pinged(&mut self) {}
+    /// The worker's inflate pool and buffer (used only with permessage-deflate).
+    fn inflating(&mut self) -> &mut Inflating;
+    /// A compressed message was inflated to `bytes` bytes.
+    fn inflated(&mut self, bytes: usize) {
+        let _ = bytes;
+    }
+    /// A compressed message could not be inflated (the connection is failed right after).
+    fn inflate_failed(&mut self, why: InflateError) {
+        let _ = why;
+    }
     /// The client's address from a PROXY protocol header (None: the proxy's own connection).
     fn peer(&mut self, addr: Option<std::net::SocketAddr>) {
         let _ = addr;
@@ -129,10 +180,13 @@ mod bit {
     pub const PROXIED: u8 = 1 << 4;
 }
 
-/// One connection's protocol state: 16 bytes while idle.
+/// One connection's protocol state: 16 bytes while idle (the deflate agreement fits in what
+/// would be padding).
 pub struct Session {
     phase: Phase,
     bits: u8,
+    /// permessage-deflate parameters, if the handshake agreed to it.
+    deflate: Option<Agreement>,
     /// Tick the phase's clock started: last time heard from (Open), or when the phase was
     /// entered (other phases).
     since: u32,
@@ -144,9 +198,30 @@ impl Session {
         Session {
             phase: Phase::Handshake,
             bits: 0,
+            deflate: None,
             since: now,
             inbound: None,
         }
+    }
+
+    /// The permessage-deflate agreement, if any: how to compress what this connection gets.
+    #[inline]
+    pub fn deflate(&self) -> Option<Agreement> {
+        self.deflate
+    }
+
+    /// Records the agreement on a stand-in (see [`Session::stand_in`]) when the real session
+    /// upgrades while being fed, so output routed to this connection meanwhile is compressed.
+    pub fn set_deflate(&mut self, deflate: Option<Agreement>) {
+        self.deflate = deflate;
+    }
+
+    /// True while the connection holds an inflate state (a compressed message in flight, or
+    /// kept between messages for client context takeover).
+    pub fn holds_inflater(&self) -> bool {
+        self.inbound
+            .as_ref()
+            .is_some_and(|ib| ib.inflate.heap_bytes() > 0)
     }
 
     #[inline]
@@ -180,6 +255,7 @@ impl Session {
         Session {
             phase: self.phase,
             bits: self.bits,
+            deflate: self.deflate,
             since: self.since,
             inbound: None,
         }
