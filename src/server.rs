@@ -83,6 +83,10 @@ impl Server {
             started: std::time::Instant::now(),
             metrics: Metrics::new(workers),
             rooms,
+            guards: crate::abuse::Guards::new(
+                config.max_connections_per_ip,
+                config.max_handshakes_per_ip,
+            ),
             bridge: bridge_link,
             wakeups,
             config,

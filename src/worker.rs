@@ -26,6 +26,7 @@
 
 mod accept;
 mod fanout;
+mod guard;
 mod lifecycle;
 mod read;
 mod samplers;
@@ -83,6 +84,8 @@ pub struct Shared {
     pub failure: Mutex<Option<String>>,
     pub metrics: Metrics,
     pub rooms: RoomDirectory,
+    /// The per-address limits' tables (`--max-connections-per-ip`, `--max-handshakes-per-ip`).
+    pub guards: crate::abuse::Guards,
     /// The Redis bridge's way in, with `--redis`.
     pub bridge: Option<Arc<crate::bridge::BridgeLink>>,
     pub wakeups: Arc<[Arc<Wakeup>]>,
@@ -213,6 +216,8 @@ pub struct Worker {
     feeding: u32,
     /// The connection being fed went over `--max-backpressure` (closed once it is back).
     feeding_over_limit: bool,
+    /// Per-address keys of the connections counted by `--max-connections-per-ip` (guard.rs).
+    ip_keys: std::collections::HashMap<u32, u64>,
     /// Client addresses from PROXY protocol headers (only with `--proxy-protocol`).
     proxied: std::collections::HashMap<u32, std::net::SocketAddr>,
     tally: Tally,
@@ -241,6 +246,7 @@ impl Worker {
             ping: ticks_of(c.ping_interval),
             idle: ticks_of(c.idle_timeout),
             close: ticks_of(c.close_timeout),
+            message_rate: c.message_rate,
             drain_until: None,
             proxy: c.proxy_protocol,
         };
@@ -275,6 +281,7 @@ impl Worker {
             echoes: FrameBatch::default(),
             feeding: NOBODY,
             feeding_over_limit: false,
+            ip_keys: std::collections::HashMap::new(),
             proxied: std::collections::HashMap::new(),
             tally: Tally::default(),
         })

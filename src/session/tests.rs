@@ -3,6 +3,8 @@
 
 mod property;
 
+mod policy;
+
 use super::parse::head_end;
 use super::*;
 use crate::codec::{client_frame as frame, CLOSE_GOING_AWAY, CLOSE_POLICY};
@@ -16,6 +18,7 @@ fn limits() -> Limits {
         ping: 300,
         idle: 750,
         close: 20,
+        message_rate: None,
         drain_until: None,
         proxy: false,
     }
