@@ -76,9 +76,14 @@ impl Worker {
         match gate.check(head, target, now) {
             Ok(a) => Ok(Admission {
                 header: a.header,
-                // The first tick at or after exp (exp is strict: valid only before it).
+                // The first tick that starts at or after exp (valid only before it), counted
+                // from the start of the current tick so that it never fires early.
                 expires: a.expires.map(|exp| {
-                    let ticks = ((exp - now) / TICK.as_secs_f64()).ceil().max(1.0);
+                    let tick_start = self.start + TICK * self.now;
+                    let into_tick = tick_start.elapsed().as_secs_f64();
+                    let ticks = ((exp - now + into_tick) / TICK.as_secs_f64())
+                        .ceil()
+                        .max(1.0);
                     self.now.saturating_add(ticks.min(u32::MAX as f64) as u32)
                 }),
             }),
