@@ -742,4 +742,70 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("--workers"), "{e}");
     }
+
+    #[test]
+    fn access_and_abuse_options_from_the_file() {
+        let dir = std::env::temp_dir().join(format!("megasock-cfg-a-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.toml");
+        std::fs::write(
+            &path,
+            "auth-jwt-secret = \"0123456789abcdef0123456789abcdef\"\n\
+             allowed-origin = [\"https://*.example.com\"]\nsubprotocol = [\"chat.v1\"]\n\
+             max-connections-per-ip = 5\nmax-handshakes-per-ip = \"600/m\"\n\
+             max-message-rate = 20\nmax-message-burst = 40\n",
+        )
+        .unwrap();
+        let cfg = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .merge_config_file()
+        .unwrap()
+        .resolve()
+        .unwrap();
+        assert!(cfg.gate.as_ref().is_some_and(|g| g.requires_token()));
+        assert_eq!(cfg.max_connections_per_ip, Some(5));
+        assert_eq!(cfg.max_handshakes_per_ip, Some(10));
+        assert_eq!(
+            cfg.message_rate,
+            Some(crate::abuse::message_rate::MessageRate::new(20, 40))
+        );
+        assert!(Config::default().gate.is_none(), "nothing to check by default");
+        let bad = |args: ServeArgs, option: &str| {
+            let e = args.resolve().unwrap_err().to_string();
+            assert!(e.contains(option), "{e}");
+        };
+        bad(
+            ServeArgs {
+                max_message_burst: Some(5),
+                ..Default::default()
+            },
+            "--max-message-burst",
+        );
+        bad(
+            ServeArgs {
+                max_connections_per_ip: Some(0),
+                ..Default::default()
+            },
+            "--max-connections-per-ip",
+        );
+        bad(
+            ServeArgs {
+                max_handshakes_per_ip: Some(PerSecond(70_000)),
+                ..Default::default()
+            },
+            "--max-handshakes-per-ip",
+        );
+        bad(
+            ServeArgs {
+                subprotocol: vec!["two words".into()],
+                ..Default::default()
+            },
+            "--subprotocol",
+        );
+        assert_eq!("100/s".parse::<PerSecond>(), Ok(PerSecond(100)));
+        assert_eq!("61/m".parse::<PerSecond>(), Ok(PerSecond(2)));
+        assert!("fast".parse::<PerSecond>().is_err());
+    }
 }
