@@ -771,7 +771,10 @@ mod tests {
             cfg.message_rate,
             Some(crate::abuse::message_rate::MessageRate::new(20, 40))
         );
-        assert!(Config::default().gate.is_none(), "nothing to check by default");
+        assert!(
+            Config::default().gate.is_none(),
+            "nothing to check by default"
+        );
         let bad = |args: ServeArgs, option: &str| {
             let e = args.resolve().unwrap_err().to_string();
             assert!(e.contains(option), "{e}");

@@ -36,6 +36,16 @@ impl MessageRate {
         }
     }
 
+    /// Messages per second.
+    pub fn per_second(&self) -> u32 {
+        self.per_tick
+    }
+
+    /// Messages at once.
+    pub fn burst(&self) -> u32 {
+        self.capacity / UNITS
+    }
+
     /// The bucket after `ticks` ticks without a refill.
     #[inline]
     pub fn refill(&self, tokens: u32, ticks: u32) -> u32 {

@@ -170,6 +170,16 @@ impl Verifier {
         self.alg
     }
 
+    /// For the start log (never the key).
+    pub fn describe(&self) -> String {
+        format!(
+            "tokens {} (aud {}, iss {})",
+            self.alg.name(),
+            self.audience.as_deref().unwrap_or("none allowed"),
+            self.issuer.as_deref().unwrap_or("any")
+        )
+    }
+
     /// Checks `token` at `now` (seconds since the Unix epoch).
     pub fn verify(&self, token: &str, now: f64) -> Result<Grant, TokenError> {
         const NOT_JWT: TokenError =

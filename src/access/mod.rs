@@ -151,6 +151,22 @@ impl Gate {
         self.jwt.is_some()
     }
 
+    /// One line for the start log: what is checked.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(j) = &self.jwt {
+            parts.push(j.describe());
+        }
+        if !self.origins.is_empty() {
+            parts.push(format!("{} allowed origin(s)", self.origins.len()));
+        }
+        if !self.protocols.is_empty() {
+            let names: Vec<&str> = self.protocols.iter().map(|(p, _)| p.as_str()).collect();
+            parts.push(format!("subprotocols {}", names.join(", ")));
+        }
+        parts.join(" | ")
+    }
+
     /// Checks one request head (already accepted by `handshake::parse`) at `now` (seconds
     /// since the Unix epoch). A token may come from `Authorization: Bearer`, the `access_token`
     /// query parameter, or a `Sec-WebSocket-Protocol` entry `bearer.TOKEN`; from exactly one
