@@ -119,6 +119,16 @@ pub struct Common {
     #[arg(long)]
     pub text: bool,
 
+    /// Text frames whose padding is realistic chat JSON instead of a..z (for compression:
+    /// a..z compresses a hundredfold, chat JSON about 3x)
+    #[arg(long)]
+    pub json_payload: bool,
+
+    /// Offer permessage-deflate (RFC 7692) and inflate compressed messages before checking
+    /// them; the report gains the bytes on the wire per message received
+    #[arg(long)]
+    pub deflate: bool,
+
     /// Progress display on stderr: auto (a bar on a terminal, lines otherwise), bar, lines, none
     #[arg(long, default_value = "auto", value_parser = ["auto", "bar", "lines", "none"])]
     pub progress: String,
@@ -143,6 +153,18 @@ pub struct Common {
     /// Internal: run identifier embedded in every payload (set by the parent for its children)
     #[arg(long, hide = true)]
     pub run_id: Option<u32>,
+}
+
+impl Common {
+    /// The payload style the flags ask for (`--json-payload` implies text frames).
+    pub fn style(&self) -> crate::payload::Style {
+        use crate::payload::Style;
+        match (self.json_payload, self.text) {
+            (true, _) => Style::Json,
+            (false, true) => Style::Text,
+            (false, false) => Style::Binary,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone, Serialize)]

@@ -97,6 +97,11 @@ pub struct Conn {
     alt: bool,
     /// Answered at least one of the server's pings (proof that it is alive end to end).
     ponged: bool,
+    /// permessage-deflate as agreed: None (off), or the connection's own inflater when the
+    /// server keeps its compression context (`Some(None)`: no context, the shared one serves).
+    inflate: Option<Option<Box<flate2::Decompress>>>,
+    /// The message being reassembled from fragments is compressed.
+    frag_compressed: bool,
     close_deadline: u64,
 }
 
@@ -130,6 +135,8 @@ pub struct EngineConfig {
     pub rate: f64,
     pub max_pending: usize,
     pub connect_timeout_ns: u64,
+    /// Offer permessage-deflate.
+    pub deflate: bool,
 }
 
 /// Connection statistics accumulated since the last [`Engine::take_conn_stats`].
@@ -169,6 +176,11 @@ pub struct Engine {
     /// Server pings answered, and connections that answered at least one.
     pub pings_answered: u64,
     pub conns_ponged: u64,
+    /// Bytes read from open connections' sockets (what the wire carried to us).
+    pub bytes_read: u64,
+    /// Inflates messages of connections whose server does not keep a context, one at a time.
+    shared_inflater: flate2::Decompress,
+    inflated: Vec<u8>,
     /// Longest busy span, from one poll's return to the next poll (a starved or overloaded
     /// load generator answers the server's pings that late).
     pub max_turn_gap_ns: u64,
@@ -229,6 +241,9 @@ impl Engine {
             conns_ponged: 0,
             max_turn_gap_ns: 0,
             last_turn_ns: 0,
+            bytes_read: 0,
+            shared_inflater: flate2::Decompress::new(false),
+            inflated: Vec::new(),
         })
     }
 
@@ -391,6 +406,8 @@ impl Engine {
             closing_by_us: false,
             alt,
             ponged: false,
+            inflate: None,
+            frag_compressed: false,
             close_deadline: 0,
         });
         self.pending.push_back(id);
@@ -493,7 +510,7 @@ impl Engine {
             Some((t, _)) if c.alt => t,
             _ => &self.cfg.target,
         };
-        ws::write_request(target, &key, &mut self.out);
+        ws::write_request(target, &key, self.cfg.deflate, &mut self.out);
         self.send_out(id);
     }
 
@@ -532,9 +549,14 @@ impl Engine {
             }
             Err(HandshakeError::Status(code)) => self.finish(id, &format!("http_{code}")),
             Err(HandshakeError::Bad(_)) => self.finish(id, "bad_handshake"),
-            Ok(Some(n)) => {
+            Ok(Some(accepted)) => {
                 let now = mono_ns();
+                let n = accepted.len;
                 c.state = State::Open;
+                c.inflate = accepted.deflate.map(|d| {
+                    (!d.server_no_context_takeover)
+                        .then(|| Box::new(flate2::Decompress::new(false)))
+                });
                 let rest = c.inbuf.split_off(n);
                 c.inbuf = Vec::new();
                 self.open += 1;
@@ -584,7 +606,10 @@ impl Engine {
                     self.on_eof(id);
                     break;
                 }
-                Ok(n) => n,
+                Ok(n) => {
+                    self.bytes_read += n as u64;
+                    n
+                }
                 Err(e) => {
                     if carried > 0 {
                         c.inbuf.extend_from_slice(&scratch[..carried]);
@@ -644,6 +669,40 @@ impl Engine {
         self.scratch = scratch;
     }
 
+    /// A compressed message's payload, inflated (RFC 7692 §7.2.2: the sender removed the
+    /// final `00 00 ff ff`). Returns the engine's reusable buffer; give it back after use.
+    fn inflate(&mut self, id: usize, payload: &[u8]) -> Result<Vec<u8>, String> {
+        const TAIL: [u8; 4] = [0, 0, 0xff, 0xff];
+        let mut out = std::mem::take(&mut self.inflated);
+        out.clear();
+        let own = self.conns[id].inflate.as_mut().and_then(Option::as_mut);
+        let z: &mut flate2::Decompress = match own {
+            Some(z) => z,
+            None => {
+                self.shared_inflater.reset(false);
+                &mut self.shared_inflater
+            }
+        };
+        for input in [payload, &TAIL[..]] {
+            let mut input = input;
+            while !input.is_empty() {
+                if out.len() as u64 >= MAX_FRAME {
+                    return Err("protocol_message_too_large".into());
+                }
+                out.reserve(input.len() * 4 + 256);
+                let before = z.total_in();
+                z.decompress_vec(input, &mut out, flate2::FlushDecompress::Sync)
+                    .map_err(|_| "protocol_bad_deflate".to_string())?;
+                let used = (z.total_in() - before) as usize;
+                input = &input[used..];
+                if used == 0 && out.len() < out.capacity() {
+                    break; // nothing more it can take: the stream ended (BFINAL)
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn protocol_error(&mut self, id: usize, cause: &str) {
         self.finish(id, cause);
     }
@@ -701,7 +760,12 @@ impl Engine {
             if fi.masked {
                 return Err("protocol_masked_server_frame".into());
             }
-            if fi.rsv {
+            // RSV1 alone, on the first frame of a data message, of a connection that agreed
+            // to permessage-deflate: a compressed message. Any other reserved bit is an error.
+            let compressed = fi.rsv1
+                && matches!(fi.opcode, ws::OP_TEXT | ws::OP_BINARY)
+                && self.conns[id].inflate.is_some();
+            if fi.rsv && !compressed {
                 return Err("protocol_reserved_bits".into());
             }
             let payload = &data[pos + fi.header_len..pos + total];
@@ -714,10 +778,17 @@ impl Engine {
                     }
                     if fi.fin {
                         if state == State::Open {
-                            b.on_message(self, id, fi.opcode, payload, now);
+                            if compressed {
+                                let msg = self.inflate(id, payload)?;
+                                b.on_message(self, id, fi.opcode, &msg, now);
+                                self.inflated = msg;
+                            } else {
+                                b.on_message(self, id, fi.opcode, payload, now);
+                            }
                         }
                     } else {
                         self.conns[id].frag = Some((fi.opcode, payload.to_vec()));
+                        self.conns[id].frag_compressed = compressed;
                     }
                 }
                 ws::OP_CONT => {
@@ -730,7 +801,10 @@ impl Engine {
                     }
                     buf.extend_from_slice(payload);
                     if fi.fin {
-                        let (op, msg) = c.frag.take().expect("fragment");
+                        let (op, mut msg) = c.frag.take().expect("fragment");
+                        if std::mem::take(&mut c.frag_compressed) {
+                            msg = self.inflate(id, &msg)?;
+                        }
                         if state == State::Open {
                             b.on_message(self, id, op, &msg, now);
                         }

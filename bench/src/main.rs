@@ -338,7 +338,7 @@ fn validate(sc: &Scenario) -> Result<(), String> {
     if !(c.rate.is_finite() && c.rate >= 0.0) {
         return Err("--rate must be >= 0".into());
     }
-    let min = payload::header_len(c.text);
+    let min = payload::header_len(c.style());
     let size_ok = |size: usize| -> Result<(), String> {
         if size < min {
             Err(format!(

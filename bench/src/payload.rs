@@ -5,6 +5,25 @@
 //! Binary layout (24 bytes): `MSB1` | run u32 LE | src u32 LE | seq u32 LE | send_ns u64 LE.
 //! Text layout (44 ASCII bytes): `MSB1` + the same four fields as lower-case hex
 //! (8 + 8 + 8 + 16 digits), so text frames stay valid UTF-8.
+//!
+//! The padding is `a..z` repeated, except in the JSON style (`--json-payload`), where it is a slice of
+//! realistic chat JSON: `a..z` compresses a hundredfold and would flatter permessage-deflate,
+//! chat JSON compresses about as much as real traffic.
+
+/// What a payload looks like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    Binary,
+    Text,
+    /// Text whose padding is chat JSON (for compression benchmarks).
+    Json,
+}
+
+impl Style {
+    pub fn text(self) -> bool {
+        self != Style::Binary
+    }
+}
 
 pub const MAGIC: &[u8; 4] = b"MSB1";
 pub const BIN_HEADER: usize = 24;
@@ -19,8 +38,8 @@ pub struct Header {
     pub send_ns: u64,
 }
 
-pub fn header_len(text: bool) -> usize {
-    if text {
+pub fn header_len(style: Style) -> usize {
+    if style.text() {
         TEXT_HEADER
     } else {
         BIN_HEADER
@@ -45,14 +64,94 @@ const fn pad_table() -> [u8; PAD_CHUNK + 26] {
 
 /// The padding pattern for this header, good for up to PAD_CHUNK bytes.
 #[inline]
-fn pad_pattern(h: &Header) -> &'static [u8] {
+fn pad_pattern(h: &Header, style: Style) -> &'static [u8] {
+    if style == Style::Json {
+        let k = json_offset(h);
+        return &json_table()[k..k + PAD_CHUNK];
+    }
     let k = (h.seq.wrapping_add(h.src) % 26) as usize;
     &PAD_TABLE[k..k + PAD_CHUNK]
 }
 
+/// Length of the generated chat JSON the JSON-style padding is cut from. Far larger than
+/// deflate's 32 KiB window, and consecutive messages start [`JSON_STRIDE`] apart, so a
+/// server that keeps its compression context gains from the shape of chat JSON (keys, names,
+/// words) as it would in real traffic, not from seeing the same bytes again.
+const JSON_LEN: usize = 1 << 18;
+const JSON_STRIDE: usize = 40_009;
+
+/// The padding of a JSON-style payload starts here in the corpus.
+fn json_offset(h: &Header) -> usize {
+    (h.seq as usize)
+        .wrapping_mul(JSON_STRIDE)
+        .wrapping_add((h.src as usize).wrapping_mul(65_537))
+        % JSON_LEN
+}
+
+/// Chat messages as a client would send them, generated once from a fixed seed (the same in
+/// every process): message, typing and presence events with names, words, ids and times.
+fn json_table() -> &'static [u8] {
+    static TABLE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        const NAMES: &[&str] = &[
+            "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy",
+            "mallory", "niaj", "olivia", "peggy", "rupert", "sybil", "trent", "victor", "walter",
+        ];
+        const WORDS: &[&str] = &[
+            "the", "deploy", "finished", "and", "dashboards", "look", "fine", "did", "migration",
+            "for", "orders", "table", "run", "too", "yes", "rows", "in", "no", "locks", "held",
+            "longer", "than", "can", "someone", "review", "before", "lunch", "it", "touches",
+            "billing", "webhook", "retries", "on", "will", "leave", "comments", "next", "half",
+            "hour", "reminder", "retro", "at", "add", "your", "notes", "to", "board", "please",
+            "latency", "spiked", "after", "release", "rollback", "is", "ready", "if", "we",
+            "need", "it", "customer", "reported", "login", "page", "slow", "cache", "hit",
+            "rate", "dropped", "checking", "now", "thanks", "great", "work", "everyone", "ship",
+            "friday", "maybe", "monday", "better", "tests", "green", "red", "flaky", "again",
+        ];
+        const EMOJI: &[&str] = &["tada", "rocket", "eyes", "thumbsup", "fire", "heart"];
+        let mut rng = crate::util::Rng::new(0x6d65_6761_736f_636b);
+        let mut pick = |n: usize| (rng.next_u64() % n as u64) as usize;
+        let mut out = String::with_capacity(JSON_LEN + PAD_CHUNK + 512);
+        let mut id = 48_213u64;
+        let mut ts = 1_764_662_400_123u64;
+        while out.len() < JSON_LEN + PAD_CHUNK {
+            id += 1;
+            ts += 200 + pick(9000) as u64;
+            let user = pick(NAMES.len());
+            let uid = 1000 + user * 97;
+            match pick(10) {
+                0 => out += &format!(
+                    r#"{{"type":"typing","room":"lobby","user":{{"id":{uid},"name":"{}"}},"ts":{ts}}}"#,
+                    NAMES[user]
+                ),
+                1 => out += &format!(
+                    r#"{{"type":"presence","room":"lobby","online":[{},{},{}],"ts":{ts}}}"#,
+                    1000 + pick(NAMES.len()) * 97,
+                    1000 + pick(NAMES.len()) * 97,
+                    1000 + pick(NAMES.len()) * 97
+                ),
+                _ => {
+                    let words = 4 + pick(18);
+                    let text: Vec<&str> = (0..words).map(|_| WORDS[pick(WORDS.len())]).collect();
+                    out += &format!(
+                        r#"{{"type":"message","room":"lobby","id":"m-{id}","user":{{"id":{uid},"name":"{}","avatar":"https://cdn.example.com/u/{uid}.png"}},"text":"{}","ts":{ts},"reactions":[{{"emoji":"{}","count":{}}}]}}"#,
+                        NAMES[user],
+                        text.join(" "),
+                        EMOJI[pick(EMOJI.len())],
+                        pick(9)
+                    );
+                }
+            }
+        }
+        out.truncate(JSON_LEN + PAD_CHUNK);
+        out.into_bytes()
+    })
+}
+
 /// Fill `buf` (its whole length is the payload) with header + padding.
-pub fn write(buf: &mut [u8], h: &Header, text: bool) {
-    let hl = header_len(text);
+pub fn write(buf: &mut [u8], h: &Header, style: Style) {
+    let text = style.text();
+    let hl = header_len(style);
     debug_assert!(buf.len() >= hl);
     buf[..4].copy_from_slice(MAGIC);
     if text {
@@ -66,7 +165,7 @@ pub fn write(buf: &mut [u8], h: &Header, text: bool) {
         buf[12..16].copy_from_slice(&h.seq.to_le_bytes());
         buf[16..24].copy_from_slice(&h.send_ns.to_le_bytes());
     }
-    let pattern = pad_pattern(h);
+    let pattern = pad_pattern(h, style);
     for chunk in buf[hl..].chunks_mut(PAD_CHUNK) {
         chunk.copy_from_slice(&pattern[..chunk.len()]);
     }
@@ -74,8 +173,9 @@ pub fn write(buf: &mut [u8], h: &Header, text: bool) {
 
 /// Parse the header and check the padding; None if the magic, a hex digit or the padding is
 /// off. (A changed run id or send time is caught by the caller, which knows what to expect.)
-pub fn read(buf: &[u8], text: bool) -> Option<Header> {
-    let hl = header_len(text);
+pub fn read(buf: &[u8], style: Style) -> Option<Header> {
+    let text = style.text();
+    let hl = header_len(style);
     if buf.len() < hl || &buf[..4] != MAGIC {
         return None;
     }
@@ -94,7 +194,7 @@ pub fn read(buf: &[u8], text: bool) -> Option<Header> {
             send_ns: u64::from_le_bytes(buf[16..24].try_into().ok()?),
         }
     };
-    let pattern = pad_pattern(&h);
+    let pattern = pad_pattern(&h, style);
     if buf[hl..]
         .chunks(PAD_CHUNK)
         .all(|c| c == &pattern[..c.len()])
@@ -139,7 +239,7 @@ mod tests {
             send_ns: 5,
         };
         let mut b = vec![0u8; BIN_HEADER + 100];
-        write(&mut b, &h, false);
+        write(&mut b, &h, Style::Binary);
         for (i, &c) in b[BIN_HEADER..].iter().enumerate() {
             assert_eq!(c, b'a' + ((i as u32 + 30 + 3) % 26) as u8);
         }
@@ -153,11 +253,12 @@ mod tests {
             seq: 123_456,
             send_ns: 0x0123_4567_89ab_cdef,
         };
-        for text in [false, true] {
-            for len in [header_len(text), 64, 1000, 3 * PAD_CHUNK + 7] {
+        for style in [Style::Binary, Style::Text, Style::Json] {
+            let text = style.text();
+            for len in [header_len(style), 64, 1000, 3 * PAD_CHUNK + 7] {
                 let mut b = vec![0u8; len];
-                write(&mut b, &h, text);
-                assert_eq!(read(&b, text), Some(h));
+                write(&mut b, &h, style);
+                assert_eq!(read(&b, style), Some(h));
                 if text {
                     assert!(std::str::from_utf8(&b).is_ok());
                 }
@@ -166,13 +267,13 @@ mod tests {
                     let mut c = b.clone();
                     c[i] ^= 0x01;
                     assert_ne!(
-                        read(&c, text),
+                        read(&c, style),
                         Some(h),
-                        "flip at {i} (len {len}, text {text})"
+                        "flip at {i} (len {len}, {style:?})"
                     );
                 }
             }
         }
-        assert_eq!(read(b"MSB1", false), None);
+        assert_eq!(read(b"MSB1", Style::Binary), None);
     }
 }

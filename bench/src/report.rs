@@ -473,6 +473,20 @@ pub fn broadcast(sc: &Scenario, a: &BroadcastArgs, plan: &Plan, out: &RunOutcome
     m.insert("delivery_s".into(), json!(secs(span)));
     m.insert("latency_us".into(), json!(lat));
     m.insert("notes".into(), json!(r.notes));
+    let wire_per_delivery = r.wire_bytes_received as f64 / r.received.max(1) as f64;
+    m.insert("wire_bytes_received".into(), json!(r.wire_bytes_received));
+    m.insert("wire_bytes_per_delivery".into(), json!(wire_per_delivery));
+    m.insert("deflate_offered".into(), json!(sc.common().deflate));
+    let _ = writeln!(
+        s,
+        "  wire: {wire_per_delivery:.1} bytes per delivery received ({} payload bytes{})",
+        a.size,
+        if sc.common().deflate {
+            ", permessage-deflate offered"
+        } else {
+            ""
+        }
+    );
     let _ = writeln!(
         s,
         "  broadcast: {:.0} deliveries/s ({} of {} expected in {:.3}s; {} members, {} publishers x {} msgs of {} B)",

@@ -52,6 +52,10 @@ pub struct StageResult {
     pub pings_answered: u64,
     #[serde(default)]
     pub conns_ponged: u64,
+    /// Bytes the members' sockets delivered while the stage ran (frames as sent, compressed
+    /// or not, pings included).
+    #[serde(default)]
+    pub wire_bytes_received: u64,
     /// The longest a worker went without polling its sockets.
     #[serde(default)]
     pub max_turn_gap_ns: u64,
@@ -112,6 +116,7 @@ impl StageResult {
         self.pings_answered += o.pings_answered;
         self.conns_ponged += o.conns_ponged;
         self.max_turn_gap_ns = self.max_turn_gap_ns.max(o.max_turn_gap_ns);
+        self.wire_bytes_received += o.wire_bytes_received;
         if self.rounds.len() < o.rounds.len() {
             self.rounds.resize(o.rounds.len(), RoundStat::default());
         }

@@ -89,6 +89,7 @@ impl WorkerCtx {
                 rate,
                 max_pending: c.max_pending.max(1),
                 connect_timeout_ns: (c.connect_timeout * 1e9) as u64,
+                deflate: c.deflate,
             },
             self.ctl.clone(),
             self.progress.clone(),
@@ -97,10 +98,14 @@ impl WorkerCtx {
 
     /// The shape of this run's messages, `size` bytes of payload each.
     fn wire(&self, size: usize) -> Wire {
-        let text = self.scenario.common().text;
+        let style = self.scenario.common().style();
         Wire {
-            op: if text { ws::OP_TEXT } else { ws::OP_BINARY },
-            text,
+            op: if style.text() {
+                ws::OP_TEXT
+            } else {
+                ws::OP_BINARY
+            },
+            style,
             size,
             run: self.plan.run_id,
         }
@@ -132,7 +137,7 @@ impl WorkerCtx {
 #[derive(Clone, Copy)]
 struct Wire {
     op: u8,
-    text: bool,
+    style: payload::Style,
     size: usize,
     run: u32,
 }
@@ -149,13 +154,13 @@ impl Wire {
 
     /// Build one message with [`Engine::frame`].
     fn frame(&self, eng: &mut Engine, src: u32, seq: u32, send_ns: u64) {
-        let (h, text) = (self.header(src, seq, send_ns), self.text);
-        eng.frame(self.op, self.size, |p| payload::write(p, &h, text));
+        let (h, style) = (self.header(src, seq, send_ns), self.style);
+        eng.frame(self.op, self.size, |p| payload::write(p, &h, style));
     }
 
     /// The header of a received message, None unless it has this run's opcode and size.
     fn read(&self, opcode: u8, payload: &[u8]) -> Option<Header> {
-        let h = payload::read(payload, self.text)?;
+        let h = payload::read(payload, self.style)?;
         (opcode == self.op && payload.len() == self.size).then_some(h)
     }
 }
@@ -310,7 +315,7 @@ impl Behavior for Echo {
         let h = self.wire.header(ec.gid, ec.next_recv, t);
         ec.next_recv = ec.next_recv.wrapping_add(1);
         self.expect.resize(self.wire.size, 0);
-        payload::write(&mut self.expect, &h, self.wire.text);
+        payload::write(&mut self.expect, &h, self.wire.style);
         if opcode != self.wire.op || payload != &self.expect[..] {
             self.corrupt += 1;
         }
@@ -597,6 +602,7 @@ fn broadcast(ctx: &WorkerCtx, a: &BroadcastArgs) -> io::Result<StageResult> {
     let start = clock.start;
     b.go_ns = start;
     b.running = true;
+    let bytes_at_go = eng.bytes_read;
     let idle_ns = (a.idle_timeout * 1e9) as u64;
     let hard_end = start + (a.timeout * 1e9) as u64;
     loop {
@@ -644,6 +650,7 @@ fn broadcast(ctx: &WorkerCtx, a: &BroadcastArgs) -> io::Result<StageResult> {
         .insert("delivery".into(), std::mem::take(&mut b.hist));
     r.max_turn_gap_ns = eng.max_turn_gap_ns;
     eng.max_turn_gap_ns = 0;
+    r.wire_bytes_received = eng.bytes_read - bytes_at_go;
     ctx.send(RunnerMsg::Done(0, Box::new(r)));
     finish(ctx, &mut eng, &mut b)
 }

@@ -94,7 +94,7 @@ fn base64_16(raw: &[u8; 16]) -> [u8; 24] {
     out
 }
 
-pub fn write_request(t: &Target, key: &[u8; 24], out: &mut Vec<u8>) {
+pub fn write_request(t: &Target, key: &[u8; 24], deflate: bool, out: &mut Vec<u8>) {
     out.extend_from_slice(b"GET ");
     out.extend_from_slice(t.path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
@@ -103,7 +103,28 @@ pub fn write_request(t: &Target, key: &[u8; 24], out: &mut Vec<u8>) {
         b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ",
     );
     out.extend_from_slice(key);
+    if deflate {
+        // What browsers send: the server may compress, with or without context takeover.
+        out.extend_from_slice(
+            b"\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",
+        );
+    }
     out.extend_from_slice(b"\r\n\r\n");
+}
+
+/// A 101 the client accepts: its length, and permessage-deflate if the server agreed to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub len: usize,
+    pub deflate: Option<Deflate>,
+}
+
+/// How the server compresses (RFC 7692 §7.1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deflate {
+    /// `server_no_context_takeover`: every message inflates on its own (one shared inflater
+    /// serves every connection); otherwise the connection keeps its inflater.
+    pub server_no_context_takeover: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,7 +137,7 @@ pub enum HandshakeError {
 
 /// Look for a complete response head in `buf`. Ok(None): incomplete, read more.
 /// Ok(Some(n)): a valid 101 upgrade of `n` bytes (what follows is already frames).
-pub fn parse_response(buf: &[u8], key: &[u8; 24]) -> Result<Option<usize>, HandshakeError> {
+pub fn parse_response(buf: &[u8], key: &[u8; 24]) -> Result<Option<Accepted>, HandshakeError> {
     let Some(end) = find_head_end(buf) else {
         if buf.len() > MAX_RESPONSE_HEAD {
             return Err(HandshakeError::Bad("response head too large".into()));
@@ -143,6 +164,7 @@ pub fn parse_response(buf: &[u8], key: &[u8; 24]) -> Result<Option<usize>, Hands
         return Err(HandshakeError::Status(code));
     }
     let (mut upgrade, mut connection, mut accept) = (false, false, false);
+    let mut deflate = None;
     let expected = tungstenite::handshake::derive_accept_key(key);
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
@@ -155,6 +177,17 @@ pub fn parse_response(buf: &[u8], key: &[u8; 24]) -> Result<Option<usize>, Hands
             connection = value
                 .split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
+            let mut params = value.split(';').map(str::trim);
+            if params
+                .next()
+                .is_some_and(|e| e.eq_ignore_ascii_case("permessage-deflate"))
+            {
+                deflate = Some(Deflate {
+                    server_no_context_takeover: params
+                        .any(|p| p.eq_ignore_ascii_case("server_no_context_takeover")),
+                });
+            }
         } else if name.eq_ignore_ascii_case("sec-websocket-accept") {
             accept = value == expected;
             if !accept {
@@ -167,7 +200,7 @@ pub fn parse_response(buf: &[u8], key: &[u8; 24]) -> Result<Option<usize>, Hands
             "101 without Upgrade: websocket, Connection: Upgrade and Sec-WebSocket-Accept".into(),
         ));
     }
-    Ok(Some(end))
+    Ok(Some(Accepted { len: end, deflate }))
 }
 
 /// Index just past the `\r\n\r\n` that ends the head.
@@ -231,7 +264,9 @@ pub struct FrameInfo {
     pub fin: bool,
     pub opcode: u8,
     pub masked: bool,
+    /// Any reserved bit; `rsv1` alone marks a compressed message (permessage-deflate).
     pub rsv: bool,
+    pub rsv1: bool,
     pub header_len: usize,
     pub payload_len: u64,
 }
@@ -249,6 +284,7 @@ pub fn parse_frame_header(buf: &[u8]) -> Result<Option<FrameInfo>, String> {
                 opcode: op,
                 masked: false,
                 rsv: false,
+                rsv1: false,
                 header_len: 2,
                 payload_len: u64::from(b1),
             }));
@@ -265,6 +301,7 @@ fn parse_frame_header_full(buf: &[u8]) -> Result<Option<FrameInfo>, String> {
             opcode: h.opcode.into(),
             masked: h.mask.is_some(),
             rsv: h.rsv1 || h.rsv2 || h.rsv3,
+            rsv1: h.rsv1 && !h.rsv2 && !h.rsv3,
             header_len: cur.position() as usize,
             payload_len: len,
         })),
@@ -284,7 +321,13 @@ mod tests {
         let key = base64_16(&raw);
         assert_eq!(&key, b"dGhlIHNhbXBsZSBub25jZQ==");
         let resp = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x00";
-        assert_eq!(parse_response(resp, &key), Ok(Some(resp.len() - 2)));
+        assert_eq!(
+            parse_response(resp, &key),
+            Ok(Some(Accepted {
+                len: resp.len() - 2,
+                deflate: None
+            }))
+        );
         assert_eq!(parse_response(&resp[..40], &key), Ok(None));
         let bad = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAALMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
         assert!(matches!(
@@ -312,10 +355,52 @@ mod tests {
         assert!(parse_url("wss://127.0.0.1/").is_err());
         assert!(parse_url("http://127.0.0.1/").is_err());
         let mut req = Vec::new();
-        write_request(&t, &make_key(1, 2), &mut req);
+        write_request(&t, &make_key(1, 2), false, &mut req);
         let req = String::from_utf8(req).unwrap();
         assert!(req.starts_with("GET /ws/room1 HTTP/1.1\r\nHost: 127.0.0.1:9001\r\n"));
         assert!(req.ends_with("\r\n\r\n"));
+        assert!(!req.contains("Extensions"));
+        let mut req = Vec::new();
+        write_request(&t, &make_key(1, 2), true, &mut req);
+        let req = String::from_utf8(req).unwrap();
+        assert!(req.ends_with(
+            "\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n"
+        ));
+    }
+
+    #[test]
+    fn response_names_the_agreed_compression() {
+        let key = make_key(3, 4);
+        let accept = tungstenite::handshake::derive_accept_key(&key);
+        let resp = |ext: &str| {
+            format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{ext}\r\n"
+            )
+        };
+        let shared = resp("Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n");
+        let got = parse_response(shared.as_bytes(), &key).unwrap().unwrap();
+        assert_eq!(
+            got.deflate,
+            Some(Deflate {
+                server_no_context_takeover: true
+            })
+        );
+        let own = resp("Sec-WebSocket-Extensions: permessage-deflate\r\n");
+        let got = parse_response(own.as_bytes(), &key).unwrap().unwrap();
+        assert_eq!(
+            got.deflate,
+            Some(Deflate {
+                server_no_context_takeover: false
+            })
+        );
+        let none = resp("");
+        assert_eq!(
+            parse_response(none.as_bytes(), &key)
+                .unwrap()
+                .unwrap()
+                .deflate,
+            None
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@ const fs = require('fs');
 
 function usage(msg) {
   if (msg) console.error(msg);
-  console.error('usage: node server.js [--listen HOST:PORT | --port PORT] [--host HOST] [--ready-file PATH]');
+  console.error('usage: node server.js [--listen HOST:PORT | --port PORT] [--host HOST] [--ready-file PATH] [--deflate]');
   process.exit(2);
 }
 
@@ -13,6 +13,8 @@ function parseArgs(argv) {
     host: process.env.HOST || '127.0.0.1',
     port: process.env.PORT !== undefined && process.env.PORT !== '' ? Number(process.env.PORT) : 0,
     readyFile: process.env.READY_FILE || null,
+    // permessage-deflate on (each peer in its recommended way; see its server.js).
+    deflate: process.env.DEFLATE === '1',
   };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -32,6 +34,8 @@ function parseArgs(argv) {
       opts.host = next();
     } else if (a === '--ready-file') {
       opts.readyFile = next();
+    } else if (a === '--deflate') {
+      opts.deflate = true;
     } else if (a === '-h' || a === '--help') {
       usage();
     } else if (/^\d+$/.test(a)) {

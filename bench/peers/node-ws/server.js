@@ -3,7 +3,9 @@
 //   GET /echo       every message comes back to the sender with the same opcode
 //   GET /ws/{room}  the connection joins {room}; every text/binary message goes to every
 //                   member of the room, the sender included (rooms: a Map of Sets)
-// Usage: node server.js [--listen HOST:PORT | --port PORT] [--ready-file PATH]
+// Usage: node server.js [--listen HOST:PORT | --port PORT] [--ready-file PATH] [--deflate]
+//        --deflate: perMessageDeflate as ws documents it (zlib per socket, context takeover
+//        when the client allows it), with threshold 128 like megasock's --deflate-min-size.
 //        (env: PORT, HOST, READY_FILE; port 0 picks a free port)
 // The ready file gets `ws=HOST:PORT` once listening, like megasock's --ready-file.
 const http = require('http');
@@ -15,7 +17,7 @@ const MiB = 1024 * 1024;
 
 const wss = new WebSocketServer({
   noServer: true,
-  perMessageDeflate: false,
+  perMessageDeflate: opts.deflate ? { threshold: 128 } : false,
   maxPayload: 16 * MiB,
   clientTracking: true,
 });

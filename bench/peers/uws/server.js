@@ -3,7 +3,9 @@
 //   GET /echo       every message comes back to the sender with the same opcode
 //   GET /ws/{room}  the connection joins {room}; every text/binary message goes to every
 //                   member of the room, the sender included (native pub/sub: app.publish)
-// Usage: node server.js [--listen HOST:PORT | --port PORT] [--ready-file PATH]
+// Usage: node server.js [--listen HOST:PORT | --port PORT] [--ready-file PATH] [--deflate]
+//        --deflate: permessage-deflate with uWS.SHARED_COMPRESSOR (one compressor for all,
+//        no context takeover: uWS's recommendation for many sockets); publish compresses.
 //        (env: PORT, HOST, READY_FILE; port 0 picks a free port)
 // The ready file gets `ws=HOST:PORT` once listening, like megasock's --ready-file.
 const uWS = require('uwebsockets');
@@ -13,7 +15,7 @@ const opts = parseArgs(process.argv.slice(2));
 const MiB = 1024 * 1024;
 
 const behavior = {
-  compression: uWS.DISABLED,
+  compression: opts.deflate ? uWS.SHARED_COMPRESSOR : uWS.DISABLED,
   // Generous limits so that a broadcast burst (thousands of members, every message
   // queued behind the others) is never dropped or closed for backpressure.
   maxPayloadLength: 16 * MiB,
@@ -39,7 +41,7 @@ const app = uWS.App()
     ...behavior,
     upgrade: (res, req, context) => upgrade(res, req, context, {}),
     message: (ws, message, isBinary) => {
-      ws.send(message, isBinary);
+      ws.send(message, isBinary, opts.deflate);
     },
   })
   .ws('/ws/:room', {
@@ -50,7 +52,7 @@ const app = uWS.App()
     },
     message: (ws, message, isBinary) => {
       // app.publish reaches every subscriber, the sender included (ws.publish would skip it).
-      app.publish(ws.getUserData().room, message, isBinary, false);
+      app.publish(ws.getUserData().room, message, isBinary, opts.deflate);
     },
   })
   .any('/*', (res) => {
