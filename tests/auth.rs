@@ -333,17 +333,18 @@ fn an_open_connection_is_closed_with_1008_when_its_token_expires() {
         .as_secs_f64();
     assert_eq!(u16::from_be_bytes([f.payload[0], f.payload[1]]), 1008);
     assert_eq!(&f.payload[2..], b"token expired");
-    // At its exp: not before it, and within a tick (100 ms) and some scheduling slack after.
+    // At its exp: not before it; a tick (100 ms) after at most, plus slack for a busy machine.
     assert!(
         at >= exp as f64 - 0.01,
         "closed {:.3} s before exp",
         exp as f64 - at
     );
     assert!(
-        at < exp as f64 + 0.5,
+        at < exp as f64 + 1.0,
         "closed {:.3} s after exp",
         at - exp as f64
     );
+    eprintln!("closed {:.3} s after exp", at - exp as f64);
     expiring.reply_close(1008);
     expiring.expect_eof();
     // The other member is unaffected.

@@ -89,7 +89,7 @@ fn a_client_over_the_message_rate_is_closed_and_its_neighbour_is_not() {
     );
     assert_eq!(&close.payload[2..], b"message rate");
     assert!(
-        (10..=14).contains(&echoed),
+        (10..=20).contains(&echoed), // the burst, plus 2 per tick while the flood arrives
         "the burst (10) and at most a few refills got through, not {echoed}"
     );
     writer.join().unwrap();
@@ -176,7 +176,8 @@ fn behind_a_proxy_the_proxy_protocol_address_is_counted() {
 #[test]
 fn too_many_new_connections_from_one_address_get_429() {
     let srv = ServerProc::start(&["--workers", "2", "--max-handshakes-per-ip", "5/s"]);
-    // As fast as we can: at most two windows' worth (10) pass, whatever the window's edge.
+    // As fast as we can: 5 per one-second window pass, in however many windows this spans.
+    let started = Instant::now();
     let mut passed = 0;
     let mut refused = None;
     for _ in 0..30 {
@@ -193,7 +194,11 @@ fn too_many_new_connections_from_one_address_get_429() {
     let text = refused.expect("some were refused");
     assert!(text.contains("Retry-After: 1\r\n"), "{text}");
     assert!(text.contains("--max-handshakes-per-ip"), "{text}");
-    assert!((5..=10).contains(&passed), "{passed} passed");
+    let windows = started.elapsed().as_secs() as usize + 2;
+    assert!(
+        passed >= 5 && passed <= 5 * windows,
+        "{passed} passed in at most {windows} windows"
+    );
     // Another address is unaffected; this one is served again in the next second.
     let (_, text) = answer(
         connect_from([127, 0, 0, 3], srv.ws),
@@ -206,6 +211,13 @@ fn too_many_new_connections_from_one_address_get_429() {
         upgrade_request("/echo").as_bytes(),
     );
     assert_eq!(status(&text), 101, "{text}");
-    assert!(srv.metric("megasock_limit_rejections_total{limit=\"handshakes_per_ip\"}") >= 20);
-    assert!(srv.metric("megasock_http_responses_total{status=\"429\"}") >= 20);
+    let refused = 30 - passed as i64;
+    assert_eq!(
+        srv.metric("megasock_limit_rejections_total{limit=\"handshakes_per_ip\"}"),
+        refused
+    );
+    assert_eq!(
+        srv.metric("megasock_http_responses_total{status=\"429\"}"),
+        refused
+    );
 }
