@@ -275,9 +275,12 @@ fn switching_protocols(key: &[u8], deflate: Option<Agreement>) -> Bytes {
 pub fn error_response(r: Rejection) -> Bytes {
     let title = match r.status {
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         426 => "Upgrade Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Error",
@@ -285,7 +288,9 @@ pub fn error_response(r: Rejection) -> Bytes {
     let extra = match r.status {
         426 => "Sec-WebSocket-Version: 13\r\nUpgrade: websocket\r\n",
         405 => "Allow: GET\r\n",
-        503 => "Retry-After: 1\r\n",
+        503 | 429 => "Retry-After: 1\r\n",
+        // RFC 6750 3: the scheme a client should answer with.
+        401 => "WWW-Authenticate: Bearer realm=\"megasock\"\r\n",
         _ => "",
     };
     let body = format!("{} {}: {}\n", r.status, title, r.reason);

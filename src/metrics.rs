@@ -47,10 +47,14 @@ pub enum Disconnect {
     Shutdown,
     /// A plain HTTP page was served (`GET /`, `GET /rooms/{room}`), then the socket closed.
     PageServed,
+    /// The client's token expired on the open connection (close 1008 "token expired").
+    TokenExpired,
+    /// The client went over `--max-message-rate` (close 1008 "message rate").
+    MessageRate,
 }
 
 impl Disconnect {
-    pub const ALL: [Disconnect; 14] = [
+    pub const ALL: [Disconnect; 16] = [
         Disconnect::ClientClose,
         Disconnect::PeerGone,
         Disconnect::IoError,
@@ -65,6 +69,8 @@ impl Disconnect {
         Disconnect::OverCapacity,
         Disconnect::Shutdown,
         Disconnect::PageServed,
+        Disconnect::TokenExpired,
+        Disconnect::MessageRate,
     ];
 
     pub fn label(self) -> &'static str {
@@ -83,6 +89,8 @@ impl Disconnect {
             Disconnect::OverCapacity => "over_capacity",
             Disconnect::Shutdown => "shutdown",
             Disconnect::PageServed => "http_page_served",
+            Disconnect::TokenExpired => "token_expired",
+            Disconnect::MessageRate => "message_rate",
         }
     }
 }
@@ -107,7 +115,7 @@ impl DropReason {
 }
 
 /// HTTP statuses the upgrade path answers with (`megasock_http_responses_total`).
-pub const HTTP_STATUSES: [u16; 8] = [400, 404, 405, 426, 431, 503, 101, 200];
+pub const HTTP_STATUSES: [u16; 11] = [400, 401, 403, 404, 405, 426, 429, 431, 503, 101, 200];
 
 fn status_index(status: u16) -> usize {
     HTTP_STATUSES.iter().position(|&s| s == status).unwrap_or(0)
@@ -142,6 +150,10 @@ pub struct WorkerStats {
     pub publisher_pauses: AtomicU64,
     pub wakeups_sent: AtomicU64,
     pub pings_sent: AtomicU64,
+    /// Upgrades refused by the token, room grant or Origin checks, by reason.
+    pub access: crate::access::AccessStats,
+    /// Connections refused by a per-address limit, by limit.
+    pub limits: crate::abuse::LimitStats,
     /// Loop turn durations over the last second (microseconds).
     pub turn_p50_us: AtomicU64,
     pub turn_p99_us: AtomicU64,

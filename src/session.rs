@@ -38,10 +38,12 @@ use crate::handshake::{self, Page, Route, Upgrade};
 use crate::metrics::Disconnect;
 
 mod parse;
+mod policy;
 #[cfg(test)]
 mod tests;
 
 use parse::Inbound;
+pub use policy::{Admission, MESSAGE_RATE, TOKEN_EXPIRED};
 
 /// Where a session is in its life (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +63,8 @@ pub struct Limits {
     pub ping: u32,
     pub idle: u32,
     pub close: u32,
+    /// `--max-message-rate` with its burst, if set.
+    pub message_rate: Option<crate::abuse::message_rate::MessageRate>,
     /// While the server drains, the last tick a closing connection may live.
     pub drain_until: Option<u32>,
     /// Connections start with a PROXY protocol header (`--proxy-protocol`).
@@ -135,8 +139,21 @@ pub trait Host {
         let _ = why;
     }
     /// The client's address from a PROXY protocol header (None: the proxy's own connection).
-    fn peer(&mut self, addr: Option<std::net::SocketAddr>) {
+    /// An error refuses the connection with that answer (a per-address limit).
+    fn peer(&mut self, addr: Option<std::net::SocketAddr>) -> Result<(), handshake::Rejection> {
         let _ = addr;
+        Ok(())
+    }
+    /// May this request (`head`, parsed and well formed) have its answer? Asked before an
+    /// upgrade or a room page is answered: the token, room grant, Origin and subprotocol
+    /// checks (`crate::access`). An error is answered instead.
+    fn admit(
+        &mut self,
+        head: &[u8],
+        target: crate::access::Target<'_>,
+    ) -> Result<Admission, handshake::Rejection> {
+        let _ = (head, target);
+        Ok(Admission::default())
     }
     /// A plain page on the WebSocket listener: the full response, or the error to answer.
     fn page(&mut self, page: Page<'_>) -> Result<Bytes, handshake::Rejection> {
@@ -180,8 +197,8 @@ mod bit {
     pub const PROXIED: u8 = 1 << 4;
 }
 
-/// One connection's protocol state: 16 bytes while idle (the deflate agreement fits in what
-/// would be padding).
+/// One connection's protocol state: 24 bytes while idle (16 of protocol state, 8 for the token's
+/// expiry and the message-rate bucket; the deflate agreement fits in what would be padding).
 pub struct Session {
     phase: Phase,
     bits: u8,
@@ -191,6 +208,10 @@ pub struct Session {
     /// entered (other phases).
     since: u32,
     inbound: Option<Box<Inbound>>,
+    /// The tick the client's token expires (`policy::NEVER` without one).
+    expires: u32,
+    /// The `--max-message-rate` bucket (`abuse::message_rate`; starts full).
+    tokens: u32,
 }
 
 impl Session {
@@ -201,6 +222,8 @@ impl Session {
             deflate: None,
             since: now,
             inbound: None,
+            expires: policy::NEVER,
+            tokens: u32::MAX,
         }
     }
 
@@ -258,6 +281,8 @@ impl Session {
             deflate: self.deflate,
             since: self.since,
             inbound: None,
+            expires: self.expires,
+            tokens: self.tokens,
         }
     }
 
@@ -282,8 +307,9 @@ impl Session {
 
     /// Something arrived: the connection is alive.
     #[inline]
-    pub fn heard(&mut self, now: u32) {
+    pub fn heard(&mut self, now: u32, lim: &Limits) {
         if self.phase == Phase::Open {
+            self.refill(now, lim);
             self.since = now;
             self.bits &= !bit::PINGED;
         }
@@ -294,7 +320,7 @@ impl Session {
     /// Takes bytes read from the socket. `fresh` is parsed in place when nothing is stashed
     /// (the common case: no copy); only a trailing partial request or frame is kept.
     pub fn receive<H: Host>(&mut self, fresh: &mut [u8], lim: &Limits, now: u32, host: &mut H) {
-        self.heard(now);
+        self.heard(now, lim);
         if self.phase == Phase::Lingering {
             return; // discarded unread
         }
@@ -425,7 +451,7 @@ impl Session {
                 } else {
                     lim.ping
                 };
-                self.since + wait
+                (self.since + wait).min(self.expires)
             }
             Phase::Closing | Phase::Lingering => {
                 let own = self.since + lim.close;
@@ -439,7 +465,7 @@ impl Session {
     /// cross-core ring), which does not count as the client's silence.
     pub fn on_timer<H: Host>(&mut self, now: u32, paused: bool, lim: &Limits, host: &mut H) -> Due {
         if paused {
-            self.heard(now);
+            self.heard(now, lim);
         }
         let deadline = self.deadline(lim);
         match self.phase {
@@ -453,6 +479,9 @@ impl Session {
                 Due::Drop
             }
             Phase::Open => {
+                if now >= self.expires {
+                    return self.expire(now, lim, host);
+                }
                 let quiet = now.saturating_sub(self.since);
                 if quiet >= lim.idle {
                     host.before_close();
@@ -467,7 +496,11 @@ impl Session {
                     host.pinged();
                     host.send(codec::encode(OutKind::Ping, b""));
                     // Look again one interval from now: if the pong came, the next ping is due.
-                    return Due::At((self.since + lim.idle).min(now + lim.ping));
+                    return Due::At(
+                        (self.since + lim.idle)
+                            .min(now + lim.ping)
+                            .min(self.expires),
+                    );
                 }
                 Due::At(deadline)
             }

@@ -26,6 +26,7 @@
 
 mod accept;
 mod fanout;
+mod guard;
 mod lifecycle;
 mod read;
 mod samplers;
@@ -86,6 +87,8 @@ pub struct Shared {
     pub failure: Mutex<Option<String>>,
     pub metrics: Metrics,
     pub rooms: RoomDirectory,
+    /// The per-address limits' tables (`--max-connections-per-ip`, `--max-handshakes-per-ip`).
+    pub guards: crate::abuse::Guards,
     /// The Redis bridge's way in, with `--redis`.
     pub bridge: Option<Arc<crate::bridge::BridgeLink>>,
     pub wakeups: Arc<[Arc<Wakeup>]>,
@@ -225,6 +228,8 @@ pub struct Worker {
     feeding: u32,
     /// The connection being fed went over `--max-backpressure` (closed once it is back).
     feeding_over_limit: bool,
+    /// Per-address keys of the connections counted by `--max-connections-per-ip` (guard.rs).
+    ip_keys: std::collections::HashMap<u32, u64>,
     /// Client addresses from PROXY protocol headers (only with `--proxy-protocol`).
     proxied: std::collections::HashMap<u32, std::net::SocketAddr>,
     /// permessage-deflate, outbound: compresses a batch once per window size for the members
@@ -258,6 +263,7 @@ impl Worker {
             ping: ticks_of(c.ping_interval),
             idle: ticks_of(c.idle_timeout),
             close: ticks_of(c.close_timeout),
+            message_rate: c.message_rate,
             drain_until: None,
             proxy: c.proxy_protocol,
             deflate: c.deflate,
@@ -294,6 +300,7 @@ impl Worker {
             echoes: FrameBatch::default(),
             feeding: NOBODY,
             feeding_over_limit: false,
+            ip_keys: std::collections::HashMap::new(),
             proxied: std::collections::HashMap::new(),
             compressor,
             inflating: Inflating::new(SPARE_INFLATERS),

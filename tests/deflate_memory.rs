@@ -220,6 +220,7 @@ fn limits(max_message: usize) -> megasock::session::Limits {
         drain_until: None,
         proxy: false,
         deflate: megasock::deflate::DeflateConfig::default(),
+        message_rate: None,
     }
 }
 

@@ -82,7 +82,7 @@ impl Session {
     /// interleave, and a pong answers the ping, not the data. A close is never taken early:
     /// the messages before it are delivered first.
     pub fn receive_held<H: Host>(&mut self, fresh: &[u8], lim: &Limits, now: u32, host: &mut H) {
-        self.heard(now);
+        self.heard(now, lim);
         if self.phase != Phase::Open {
             let mut copy = fresh.to_vec();
             return self.receive(&mut copy, lim, now, host);
@@ -206,7 +206,10 @@ impl Session {
                 }
                 crate::proxy_protocol::Header::Complete(n, addr) => {
                     self.bits |= super::bit::PROXIED;
-                    host.peer(addr);
+                    if let Err(r) = host.peer(addr) {
+                        self.reject(r, now, host);
+                        return buf.len();
+                    }
                     n + self.consume_request(&mut buf[n..], ib, lim, now, host)
                 }
             };
@@ -236,6 +239,7 @@ impl Session {
                 parsed => break (end, parsed),
             }
         };
+        let parsed = self.admit(parsed, &buf[..end], host);
         match parsed {
             // The loop above only stops on a verdict; were it not to, waiting is harmless.
             Upgrade::Incomplete => 0,
@@ -361,6 +365,10 @@ impl Session {
                 };
                 ib.get_or_insert_with(Box::default).partial = partial;
                 break;
+            }
+            if open && !self.within_rate(header.kind, lim, now, host) {
+                pos += total; // not delivered; what follows is read only for the client's close
+                continue;
             }
             let payload = &mut buf[pos + header.header_len..pos + total];
             let done = resume.unmasked as usize;

@@ -4,6 +4,8 @@
 mod deflate;
 mod property;
 
+mod policy;
+
 use super::parse::head_end;
 use super::*;
 use crate::codec::{client_frame as frame, CLOSE_GOING_AWAY, CLOSE_POLICY};
@@ -17,6 +19,7 @@ fn limits() -> Limits {
         ping: 300,
         idle: 750,
         close: 20,
+        message_rate: None,
         drain_until: None,
         proxy: false,
         deflate: DeflateConfig::default(),

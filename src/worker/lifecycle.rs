@@ -117,6 +117,7 @@ impl Worker {
                 self.conns[moved as usize].set_room_position(position);
             }
         }
+        self.release_ip(key);
         self.shared.sockets.fetch_sub(1, Ordering::Relaxed);
         self.stats().connections.fetch_sub(1, Ordering::Relaxed);
         drop(conn); // closing the fd removes it from epoll

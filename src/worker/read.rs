@@ -332,10 +332,23 @@ impl Host for Dispatch<'_> {
         WorkerStats::add(&self.w.stats().inflate_failures[i], 1);
     }
 
-    fn peer(&mut self, addr: Option<std::net::SocketAddr>) {
+    fn peer(&mut self, addr: Option<std::net::SocketAddr>) -> Result<(), Rejection> {
         if let Some(a) = addr {
             self.w.proxied.insert(self.key, a);
         }
+        // The per-address limits count the client (a LOCAL header: the proxy itself).
+        match self.w.client_addr(self.key) {
+            Some(a) => self.w.guard_ip(self.key, a.ip()),
+            None => Ok(()),
+        }
+    }
+
+    fn admit(
+        &mut self,
+        head: &[u8],
+        target: crate::access::Target<'_>,
+    ) -> Result<crate::session::Admission, Rejection> {
+        self.w.admit_request(head, target)
     }
 
     fn page(&mut self, page: Page<'_>) -> Result<Bytes, Rejection> {
