@@ -5,7 +5,8 @@
 #
 #   scripts/bench-matrix.sh [ROUNDS] [SCENARIO...]     default: 3 rounds, all scenarios
 #
-# Environment: SERVERS="megasock-1w uws" runs a subset; BASELINE_BIN_DIR=DIR adds the server
+# Environment: SERVERS="megasock-1w uws" runs a subset (megasock-1w-nodeflate is megasock-1w
+# with --no-deflate; DEFLATE=1 turns compression on in the peers, see bench/README.md); BASELINE_BIN_DIR=DIR adds the server
 # megasock-baseline (DIR/megasock, e.g. a build of an older commit, placed like megasock-1w) for
 # before/after comparisons in the same alternating run; BROADCAST_OPTS, ECHO_OPTS,
 # CONNECT_OPTS, LADDER_OPTS replace a scenario's options (e.g. BROADCAST_OPTS="--subs 2000
@@ -30,6 +31,7 @@ bench=target/release/megasock-bench
 declare -A server_opts=(
   [megasock-1w]="--workers 1 --pin --split"
   [megasock-2w]="--workers 2 --pin --client-cpus 1"
+  [megasock-1w-nodeflate]="--workers 1 --pin --split --server-arg --no-deflate"
   [uws]="--peer uws --split"
   [node-ws]="--peer node-ws --split"
 )

@@ -62,6 +62,8 @@ pub struct Header {
     /// Bytes of header (including the mask).
     pub header_len: usize,
     pub payload_len: usize,
+    /// RSV1 set: the first frame of a permessage-deflate compressed message (RFC 7692 §6).
+    pub compressed: bool,
 }
 
 /// Result of looking at the front of a byte buffer.
@@ -77,14 +79,19 @@ pub enum Parsed {
 ///
 /// `max_payload` bounds data frames (the caller passes what is left of the message budget), so
 /// an oversized frame is refused as soon as its header arrives, before any payload is buffered.
-pub fn parse_header(buf: &[u8], max_payload: usize) -> Result<Parsed, Violation> {
+/// `deflate` says the connection negotiated permessage-deflate: RSV1 may then mark the first
+/// frame of a message as compressed (RFC 7692 §6), and such a frame may exceed `max_payload`
+/// by [`crate::deflate::compressed_bound`]'s slack (incompressible data grows a little; the
+/// inflated size is what the bound is about). RSV1 anywhere else, and RSV2/RSV3 always, are
+/// protocol errors.
+pub fn parse_header(buf: &[u8], max_payload: usize, deflate: bool) -> Result<Parsed, Violation> {
     let mut cur = Cursor::new(buf);
     let (h, len) = match FrameHeader::parse(&mut cur) {
         Ok(Some(v)) => v,
         Ok(None) => return Ok(Parsed::NeedMore),
         Err(_) => return Err(Violation::protocol("reserved opcode")),
     };
-    if h.rsv1 || h.rsv2 || h.rsv3 {
+    if h.rsv2 || h.rsv3 || (h.rsv1 && !deflate) {
         return Err(Violation::protocol("reserved bits set"));
     }
     let Some(mask) = h.mask else {
@@ -98,6 +105,18 @@ pub fn parse_header(buf: &[u8], max_payload: usize) -> Result<Parsed, Violation>
         OpCode::Control(Control::Ping) => Kind::Ping,
         OpCode::Control(Control::Pong) => Kind::Pong,
         _ => return Err(Violation::protocol("reserved opcode")),
+    };
+    let compressed = h.rsv1;
+    if compressed && !matches!(kind, Kind::Text | Kind::Binary) {
+        // RFC 7692 §6.1: only the first frame of a data message carries RSV1.
+        return Err(Violation::protocol(
+            "RSV1 on a continuation or control frame",
+        ));
+    }
+    let max_payload = if compressed {
+        crate::deflate::compressed_bound(max_payload)
+    } else {
+        max_payload
     };
     if kind.is_control() {
         if !h.is_final {
@@ -118,6 +137,7 @@ pub fn parse_header(buf: &[u8], max_payload: usize) -> Result<Parsed, Violation>
         mask,
         header_len: cur.position() as usize,
         payload_len: len as usize,
+        compressed,
     }))
 }
 
@@ -272,10 +292,10 @@ impl OutKind {
     }
 }
 
-fn header_bytes(kind: OutKind, len: usize) -> ([u8; MAX_HEADER], usize) {
+fn header_bytes(kind: OutKind, len: usize, rsv1: bool) -> ([u8; MAX_HEADER], usize) {
     let header = FrameHeader {
         is_final: true,
-        rsv1: false,
+        rsv1,
         rsv2: false,
         rsv3: false,
         opcode: kind.opcode(),
@@ -300,10 +320,17 @@ pub fn encode(kind: OutKind, payload: &[u8]) -> Bytes {
 
 /// Appends one unmasked frame to `buf` (several frames in one buffer go out in one write).
 pub fn encode_into(buf: &mut BytesMut, kind: OutKind, payload: &[u8]) {
-    let (hdr, n) = header_bytes(kind, payload.len());
+    let (hdr, n) = header_bytes(kind, payload.len(), false);
     buf.reserve(n + payload.len());
     buf.put_slice(&hdr[..n]);
     buf.put_slice(payload);
+}
+
+/// Appends the header of one unmasked data frame whose payload (`len` bytes) is
+/// permessage-deflate compressed: RSV1 set (RFC 7692 §6). The caller appends the payload.
+pub fn encode_compressed_header(buf: &mut BytesMut, kind: OutKind, len: usize) {
+    let (hdr, n) = header_bytes(kind, len, true);
+    buf.put_slice(&hdr[..n]);
 }
 
 /// Encodes a close frame with `code` and a short reason.
@@ -347,7 +374,7 @@ mod tests {
     fn parses_masked_text_and_unmasks() {
         let key = [1, 2, 3, 4];
         let mut f = client_frame(0x81, b"hello, world!", Some(key));
-        let Parsed::Frame(h) = parse_header(&f, 1000).unwrap() else {
+        let Parsed::Frame(h) = parse_header(&f, 1000, false).unwrap() else {
             panic!("complete header")
         };
         assert_eq!(
@@ -364,7 +391,7 @@ mod tests {
         let f = client_frame(0x82, &[0u8; 300], Some([9, 9, 9, 9]));
         for cut in 0..8 {
             assert_eq!(
-                parse_header(&f[..cut], 1000),
+                parse_header(&f[..cut], 1000, false),
                 Ok(Parsed::NeedMore),
                 "cut {cut}"
             );
@@ -374,17 +401,46 @@ mod tests {
     #[test]
     fn violations_have_the_right_codes() {
         let unmasked = client_frame(0x81, b"x", None);
-        assert_eq!(parse_header(&unmasked, 10).unwrap_err().code, 1002);
+        assert_eq!(parse_header(&unmasked, 10, false).unwrap_err().code, 1002);
         let rsv = client_frame(0xC1, b"x", Some([0; 4]));
-        assert_eq!(parse_header(&rsv, 10).unwrap_err().code, 1002);
+        assert_eq!(parse_header(&rsv, 10, false).unwrap_err().code, 1002);
         let bad_op = client_frame(0x83, b"x", Some([0; 4]));
-        assert_eq!(parse_header(&bad_op, 10).unwrap_err().code, 1002);
+        assert_eq!(parse_header(&bad_op, 10, false).unwrap_err().code, 1002);
         let frag_ping = client_frame(0x09, b"x", Some([0; 4]));
-        assert_eq!(parse_header(&frag_ping, 10).unwrap_err().code, 1002);
+        assert_eq!(parse_header(&frag_ping, 10, false).unwrap_err().code, 1002);
         let big_ping = client_frame(0x89, &[0; 126], Some([0; 4]));
-        assert_eq!(parse_header(&big_ping, 1000).unwrap_err().code, 1002);
+        assert_eq!(parse_header(&big_ping, 1000, false).unwrap_err().code, 1002);
         let big = client_frame(0x82, &[0; 11], Some([0; 4]));
-        assert_eq!(parse_header(&big, 10).unwrap_err().code, 1009);
+        assert_eq!(parse_header(&big, 10, false).unwrap_err().code, 1009);
+    }
+
+    #[test]
+    fn rsv1_marks_a_compressed_first_frame_only_with_deflate() {
+        let text = client_frame(0xC1, b"x", Some([0; 4]));
+        assert_eq!(parse_header(&text, 10, false).unwrap_err().code, 1002);
+        let Parsed::Frame(h) = parse_header(&text, 10, true).unwrap() else {
+            panic!("complete header")
+        };
+        assert!(h.compressed && h.kind == Kind::Text);
+        // Never on a continuation or a control frame, negotiated or not.
+        for first in [0xC0u8, 0xC9, 0xC8, 0xCA] {
+            let f = client_frame(first, b"x", Some([0; 4]));
+            let v = parse_header(&f, 10, true).unwrap_err();
+            assert_eq!(v.code, 1002, "{first:#x}");
+        }
+        // RSV2 and RSV3 stay reserved.
+        for first in [0xA1u8, 0x91] {
+            let f = client_frame(first, b"x", Some([0; 4]));
+            assert_eq!(parse_header(&f, 10, true).unwrap_err().code, 1002);
+        }
+        // A compressed frame may be a little over the inflated bound, not more.
+        let slack = crate::deflate::compressed_bound(1000);
+        let ok = client_frame(0xC2, &vec![0; slack], Some([0; 4]));
+        assert!(parse_header(&ok, 1000, true).is_ok());
+        let over = client_frame(0xC2, &vec![0; slack + 1], Some([0; 4]));
+        assert_eq!(parse_header(&over, 1000, true).unwrap_err().code, 1009);
+        let plain = client_frame(0x82, &[0; 1001], Some([0; 4]));
+        assert_eq!(parse_header(&plain, 1000, true).unwrap_err().code, 1009);
     }
 
     #[test]
@@ -456,7 +512,8 @@ mod tests {
         for _ in 0..50_000 {
             let len = (xorshift(&mut rng) % 16) as usize;
             let bytes: Vec<u8> = (0..len).map(|_| xorshift(&mut rng) as u8).collect();
-            if let Ok(Parsed::Frame(h)) = parse_header(&bytes, 1 << 20) {
+            if let Ok(Parsed::Frame(h)) = parse_header(&bytes, 1 << 20, xorshift(&mut rng) % 2 == 0)
+            {
                 assert!(h.header_len <= bytes.len() && h.header_len <= MAX_HEADER);
             }
         }

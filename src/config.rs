@@ -142,6 +142,32 @@ pub struct ServeArgs {
     #[serde(default)]
     pub no_demo: bool,
 
+    /// Do not negotiate permessage-deflate (RFC 7692): every connection is uncompressed and
+    /// `Sec-WebSocket-Extensions` offers are ignored. [default: negotiated when offered]
+    #[arg(long)]
+    #[serde(default)]
+    pub no_deflate: bool,
+
+    /// With permessage-deflate, messages shorter than this (bytes; KiB suffixes accepted) go
+    /// uncompressed: compressing one costs about 2 µs and a short message rarely shrinks.
+    /// [default: 128]
+    #[arg(long, value_name = "SIZE")]
+    pub deflate_min_size: Option<ByteSize>,
+
+    /// zlib level for permessage-deflate, 1-9. Level 1 uses fixed Huffman codes only
+    /// (JSON comes out about 25 % larger); each message is compressed once per room, not per
+    /// member, so a middle level is cheap. [default: 3]
+    #[arg(long, value_name = "N")]
+    pub deflate_level: Option<u32>,
+
+    /// Let clients compress each message with the previous ones as context (client context
+    /// takeover): their messages shrink more, but each such connection then holds a 47 KiB
+    /// inflate state while idle. Off: clients are told `client_no_context_takeover`.
+    /// [default: off]
+    #[arg(long)]
+    #[serde(default)]
+    pub deflate_client_context_takeover: bool,
+
     /// Log line format: `human` (default) or `json` (one object per line, for collectors).
     /// [default: human]
     #[arg(long, value_name = "FORMAT")]
@@ -189,6 +215,61 @@ pub struct ServeArgs {
     #[serde(default)]
     pub proxy_protocol: bool,
 
+    /// Require a JWT signed with this HS256 secret (its bytes as given; at least 32) to upgrade:
+    /// from `Authorization: Bearer`, the access_token query parameter, or a
+    /// Sec-WebSocket-Protocol entry `bearer.TOKEN`. Put it in the --config file (mode 0600)
+    /// rather than on the command line, which other local users can read. [default: no token]
+    #[arg(long, value_name = "SECRET")]
+    pub auth_jwt_secret: Option<String>,
+
+    /// Require a JWT signed by the key in this PEM file: RSA means RS256, P-256 ES256, Ed25519
+    /// EdDSA (the key's type decides; no other alg is accepted). [default: no token]
+    #[arg(long, value_name = "FILE")]
+    pub auth_jwt_public_key: Option<PathBuf>,
+
+    /// Tokens must name this audience in `aud`. [default: tokens with an aud are refused]
+    #[arg(long, value_name = "AUD")]
+    pub auth_audience: Option<String>,
+
+    /// Tokens must have this `iss`. [default: not checked]
+    #[arg(long, value_name = "ISS")]
+    pub auth_issuer: Option<String>,
+
+    /// Only pages from this origin may connect from a browser: exact (https://app.example.com)
+    /// or https://*.example.com for its subdomains; repeat for several. Requests without
+    /// Origin (not browsers) pass; other Origins get 403. [default: any origin]
+    #[arg(long, value_name = "ORIGIN")]
+    #[serde(alias = "allowed-origins")]
+    pub allowed_origin: Vec<String>,
+
+    /// A subprotocol this server speaks; repeat for several. The 101 names the first of the
+    /// client's Sec-WebSocket-Protocol entries listed here, or none (not an error).
+    /// [default: none]
+    #[arg(long, value_name = "NAME")]
+    #[serde(alias = "subprotocols")]
+    pub subprotocol: Vec<String>,
+
+    /// Open connections per client address (an IPv6 client: per /64) across all workers;
+    /// past it HTTP 503. With --proxy-protocol, the address from the PROXY header.
+    /// [default: unlimited]
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_ip: Option<u32>,
+
+    /// New connections per client address per second (a fixed one-second window); past it
+    /// HTTP 429 with Retry-After. [default: unlimited]
+    #[arg(long, value_name = "N/s")]
+    pub max_handshakes_per_ip: Option<PerSecond>,
+
+    /// Messages (and pings) per second one connection may send, on average; past it and
+    /// --max-message-burst, close 1008 "message rate". [default: unlimited]
+    #[arg(long, value_name = "N/s")]
+    pub max_message_rate: Option<PerSecond>,
+
+    /// Messages one connection may send at once above --max-message-rate.
+    /// [default: one second's worth]
+    #[arg(long, value_name = "B")]
+    pub max_message_burst: Option<u32>,
+
     /// Restart without refusing a connect: take the listening sockets of the megasock serving
     /// this Unix socket path (it then drains and exits), and serve the path for the next
     /// restart. The first process with the path just binds --listen. [default: off]
@@ -228,9 +309,20 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     pub admin_token: Option<String>,
     pub demo: bool,
+    /// permessage-deflate: what the handshake agrees to (`enabled` false with --no-deflate).
+    pub deflate: crate::deflate::DeflateConfig,
+    /// Payloads shorter than this go uncompressed.
+    pub deflate_min_size: usize,
+    /// zlib level, 1..=9.
+    pub deflate_level: u32,
     pub log_format: LogFormat,
     pub takeover: Option<PathBuf>,
     pub proxy_protocol: bool,
+    /// The token, Origin and subprotocol checks; None when none is configured.
+    pub gate: Option<std::sync::Arc<crate::access::Gate>>,
+    pub max_connections_per_ip: Option<u32>,
+    pub max_handshakes_per_ip: Option<u32>,
+    pub message_rate: Option<crate::abuse::message_rate::MessageRate>,
     pub redis: Option<String>,
     pub redis_prefix: String,
     pub redis_required: bool,
@@ -310,6 +402,8 @@ impl ServeArgs {
             ring_capacity,
             admin,
             admin_token,
+            deflate_min_size,
+            deflate_level,
             log_format,
             takeover,
             redis,
@@ -317,6 +411,14 @@ impl ServeArgs {
             redis_stream,
             redis_stream_maxlen,
             redis_queue,
+            auth_jwt_secret,
+            auth_jwt_public_key,
+            auth_audience,
+            auth_issuer,
+            max_connections_per_ip,
+            max_handshakes_per_ip,
+            max_message_rate,
+            max_message_burst,
             ready_file,
             tls_cert,
             tls_key
@@ -327,8 +429,16 @@ impl ServeArgs {
         if self.tls_listen.is_empty() {
             self.tls_listen = file.tls_listen;
         }
+        if self.allowed_origin.is_empty() {
+            self.allowed_origin = file.allowed_origin;
+        }
+        if self.subprotocol.is_empty() {
+            self.subprotocol = file.subprotocol;
+        }
         self.pin |= file.pin;
         self.no_demo |= file.no_demo;
+        self.no_deflate |= file.no_deflate;
+        self.deflate_client_context_takeover |= file.deflate_client_context_takeover;
         self.redis_required |= file.redis_required;
         self.proxy_protocol |= file.proxy_protocol;
         self.redis_sharded |= file.redis_sharded;
@@ -337,6 +447,7 @@ impl ServeArgs {
 
     /// Applies defaults and checks ranges.
     pub fn resolve(self) -> Result<Config, ConfigError> {
+        let gate = self.gate()?;
         let mut listen = if self.listen.is_empty() && self.tls_listen.is_empty() {
             vec![SocketAddr::from(([0, 0, 0, 0], 8080))]
         } else {
@@ -357,6 +468,14 @@ impl ServeArgs {
                 ))
             }
         };
+        if tls.is_some() && self.proxy_protocol {
+            return Err(err(
+                "proxy-protocol",
+                "the PROXY header before a TLS handshake is not read yet: with --tls-cert, \
+                 terminate TLS at the proxy (HAProxy `bind ... ssl crt`) and send plain \
+                 WebSocket with send-proxy-v2, or drop --proxy-protocol",
+            ));
+        }
         let tls_listen = match (&tls, self.tls_listen.is_empty()) {
             (None, false) => {
                 return Err(err(
@@ -402,12 +521,53 @@ impl ServeArgs {
                 "must be between 4KiB and 1GiB (it is a size in bytes since 0.2: try 4MiB)",
             ));
         }
+        let deflate_level = self.deflate_level.unwrap_or(3);
+        if !(1..=9).contains(&deflate_level) {
+            return Err(err("deflate-level", "must be between 1 and 9"));
+        }
+        let deflate = crate::deflate::DeflateConfig {
+            enabled: !self.no_deflate,
+            allow_client_context_takeover: self.deflate_client_context_takeover,
+            ..Default::default()
+        };
         if self.redis.is_none() && (self.redis_stream.is_some() || self.redis_required) {
             return Err(err(
                 "redis-stream",
                 "--redis-stream and --redis-required need --redis URL",
             ));
         }
+        let max_connections_per_ip = match self.max_connections_per_ip {
+            Some(0) => return Err(err("max-connections-per-ip", "must be at least 1")),
+            n => n,
+        };
+        let max_handshakes_per_ip = match self.max_handshakes_per_ip {
+            Some(PerSecond(n)) if !(1..=65535).contains(&n) => {
+                return Err(err(
+                    "max-handshakes-per-ip",
+                    "must be between 1/s and 65535/s",
+                ))
+            }
+            n => n.map(|r| r.0),
+        };
+        let message_rate = match (self.max_message_rate, self.max_message_burst) {
+            (None, Some(_)) => {
+                return Err(err("max-message-burst", "needs --max-message-rate N/s"))
+            }
+            (None, None) => None,
+            (Some(PerSecond(rate)), burst) => {
+                let burst = burst.unwrap_or(rate);
+                if !(1..=100_000_000).contains(&rate) {
+                    return Err(err(
+                        "max-message-rate",
+                        "must be between 1/s and 100000000/s",
+                    ));
+                }
+                if !(1..=100_000_000).contains(&burst) {
+                    return Err(err("max-message-burst", "must be between 1 and 100000000"));
+                }
+                Some(crate::abuse::message_rate::MessageRate::new(rate, burst))
+            }
+        };
         Ok(Config {
             listen,
             tls_listen,
@@ -428,9 +588,16 @@ impl ServeArgs {
             admin: self.admin,
             admin_token: self.admin_token.filter(|t| !t.is_empty()),
             demo: !self.no_demo,
+            deflate,
+            deflate_min_size: self.deflate_min_size.map_or(128, |b| b.0),
+            deflate_level,
             log_format: self.log_format.unwrap_or(LogFormat::Human),
             takeover: self.takeover,
             proxy_protocol: self.proxy_protocol,
+            gate,
+            max_connections_per_ip,
+            max_handshakes_per_ip,
+            message_rate,
             redis_required: self.redis_required,
             redis_sharded: self.redis_sharded,
             redis_prefix: self.redis_prefix.unwrap_or_else(|| "megasock:".into()),
@@ -440,6 +607,73 @@ impl ServeArgs {
             redis: self.redis,
             ready_file: self.ready_file,
         })
+    }
+}
+
+impl ServeArgs {
+    /// The token, Origin and subprotocol checks, with the key file read and checked now (a
+    /// bad key stops the start with a message, not the first client).
+    fn gate(&self) -> Result<Option<std::sync::Arc<crate::access::Gate>>, ConfigError> {
+        use crate::access::{keys, OriginPattern, Verifier, PROTOCOL_TOKEN_PREFIX};
+        let (aud, iss) = (self.auth_audience.clone(), self.auth_issuer.clone());
+        let jwt = match (&self.auth_jwt_secret, &self.auth_jwt_public_key) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "auth-jwt-secret",
+                    "give either --auth-jwt-secret (HS256) or --auth-jwt-public-key, not both",
+                ))
+            }
+            (Some(secret), None) if secret.len() < 32 => {
+                return Err(err(
+                    "auth-jwt-secret",
+                    "an HS256 secret needs at least 32 bytes (RFC 7518 3.2); make one with \
+                     `openssl rand -base64 48`",
+                ))
+            }
+            (Some(secret), None) => Some(Verifier::secret(secret.as_bytes(), aud, iss)),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    err(
+                        "auth-jwt-public-key",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                let key = keys::from_pem(&text)
+                    .map_err(|e| err("auth-jwt-public-key", format!("{}: {e}", path.display())))?;
+                Some(Verifier::public(key, aud, iss))
+            }
+            (None, None) if aud.is_some() || iss.is_some() => {
+                return Err(err(
+                    "auth-audience",
+                    "--auth-audience and --auth-issuer need --auth-jwt-secret or \
+                     --auth-jwt-public-key",
+                ))
+            }
+            (None, None) => None,
+        };
+        let origins = self
+            .allowed_origin
+            .iter()
+            .map(|o| OriginPattern::parse(o).map_err(|e| err("allowed-origin", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        for p in &self.subprotocol {
+            let token = !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !token {
+                return Err(err(
+                    "subprotocol",
+                    format!("`{p}` is not an HTTP token (letters, digits, !#$%&'*+-.^_`|~)"),
+                ));
+            }
+            if p.starts_with(PROTOCOL_TOKEN_PREFIX) {
+                return Err(err(
+                    "subprotocol",
+                    format!("`{p}`: entries starting {PROTOCOL_TOKEN_PREFIX} carry tokens"),
+                ));
+            }
+        }
+        Ok(crate::access::Gate::new(jwt, origins, &self.subprotocol).map(std::sync::Arc::new))
     }
 }
 
@@ -511,6 +745,36 @@ where
     match Raw::deserialize(d)? {
         Raw::N(n) => Ok(from_number(n)),
         Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+    }
+}
+
+/// A rate written as `100`, `100/s` or `6000/m` (per second, rounded up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerSecond(pub u32);
+
+impl std::str::FromStr for PerSecond {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let (num, per) = t.split_once('/').unwrap_or((t, "s"));
+        let n: u64 = num
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not a rate (try 100/s)"))?;
+        let n = match per.trim() {
+            "s" | "sec" => n,
+            "m" | "min" => n.div_ceil(60),
+            _ => return Err(format!("`{s}` has an unknown unit (use /s or /m)")),
+        };
+        u32::try_from(n)
+            .map(PerSecond)
+            .map_err(|_| format!("`{s}` is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for PerSecond {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        number_or_text(d, |n| PerSecond(n.min(u32::MAX as u64) as u32))
     }
 }
 
@@ -644,6 +908,43 @@ mod tests {
     }
 
     #[test]
+    fn deflate_options() {
+        let cfg = Config::default();
+        assert!(cfg.deflate.enabled);
+        assert!(!cfg.deflate.allow_client_context_takeover);
+        assert_eq!((cfg.deflate_min_size, cfg.deflate_level), (128, 3));
+        let dir = std::env::temp_dir().join(format!("megasock-cfg-d-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.toml");
+        std::fs::write(
+            &path,
+            "no-deflate = true\ndeflate-min-size = \"1KiB\"\ndeflate-level = 6\n\
+             deflate-client-context-takeover = true\n",
+        )
+        .unwrap();
+        let cfg = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .merge_config_file()
+        .unwrap()
+        .resolve()
+        .unwrap();
+        assert!(!cfg.deflate.enabled);
+        assert!(cfg.deflate.allow_client_context_takeover);
+        assert_eq!((cfg.deflate_min_size, cfg.deflate_level), (1024, 6));
+        for bad in [0, 10] {
+            let e = ServeArgs {
+                deflate_level: Some(bad),
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap_err();
+            assert!(e.to_string().contains("--deflate-level"), "{e}");
+        }
+    }
+
+    #[test]
     fn invalid_values_name_the_option() {
         let e = ServeArgs {
             workers: Some(0),
@@ -652,5 +953,74 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(e.to_string().contains("--workers"), "{e}");
+    }
+
+    #[test]
+    fn access_and_abuse_options_from_the_file() {
+        let dir = std::env::temp_dir().join(format!("megasock-cfg-a-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.toml");
+        std::fs::write(
+            &path,
+            "auth-jwt-secret = \"0123456789abcdef0123456789abcdef\"\n\
+             allowed-origin = [\"https://*.example.com\"]\nsubprotocol = [\"chat.v1\"]\n\
+             max-connections-per-ip = 5\nmax-handshakes-per-ip = \"600/m\"\n\
+             max-message-rate = 20\nmax-message-burst = 40\n",
+        )
+        .unwrap();
+        let cfg = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .merge_config_file()
+        .unwrap()
+        .resolve()
+        .unwrap();
+        assert!(cfg.gate.as_ref().is_some_and(|g| g.requires_token()));
+        assert_eq!(cfg.max_connections_per_ip, Some(5));
+        assert_eq!(cfg.max_handshakes_per_ip, Some(10));
+        assert_eq!(
+            cfg.message_rate,
+            Some(crate::abuse::message_rate::MessageRate::new(20, 40))
+        );
+        assert!(
+            Config::default().gate.is_none(),
+            "nothing to check by default"
+        );
+        let bad = |args: ServeArgs, option: &str| {
+            let e = args.resolve().unwrap_err().to_string();
+            assert!(e.contains(option), "{e}");
+        };
+        bad(
+            ServeArgs {
+                max_message_burst: Some(5),
+                ..Default::default()
+            },
+            "--max-message-burst",
+        );
+        bad(
+            ServeArgs {
+                max_connections_per_ip: Some(0),
+                ..Default::default()
+            },
+            "--max-connections-per-ip",
+        );
+        bad(
+            ServeArgs {
+                max_handshakes_per_ip: Some(PerSecond(70_000)),
+                ..Default::default()
+            },
+            "--max-handshakes-per-ip",
+        );
+        bad(
+            ServeArgs {
+                subprotocol: vec!["two words".into()],
+                ..Default::default()
+            },
+            "--subprotocol",
+        );
+        assert_eq!("100/s".parse::<PerSecond>(), Ok(PerSecond(100)));
+        assert_eq!("61/m".parse::<PerSecond>(), Ok(PerSecond(2)));
+        assert!("fast".parse::<PerSecond>().is_err());
     }
 }

@@ -5,12 +5,17 @@
 //! contract (tests and clients rely on them):
 //! - version other than 13 -> 426 with `Sec-WebSocket-Version: 13` and `Upgrade: websocket`;
 //! - malformed request, missing Host, HTTP/1.0, not an upgrade, bad key or room name -> 400;
-//! - method other than GET -> 405; unknown path -> 404; head over [`MAX_HEAD`] -> 431.
+//! - method other than GET -> 405; unknown path -> 404; head over [`MAX_HEAD`] -> 431;
+//! - a `Sec-WebSocket-Extensions` header that breaks RFC 6455 §9.1 syntax -> 400 (a
+//!   well-formed permessage-deflate offer the server cannot accept is declined instead: the
+//!   connection goes uncompressed, see [`crate::deflate::negotiate`]).
 //!
 //! Every error response carries `Connection: close`.
 
 use bytes::Bytes;
 use tungstenite::handshake::derive_accept_key;
+
+use crate::deflate::{self, Agreement, DeflateConfig};
 
 /// Largest request head accepted (request line + headers + blank line).
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -48,6 +53,8 @@ pub enum Upgrade<'a> {
         route: Route<'a>,
         response: Bytes,
         consumed: usize,
+        /// permessage-deflate was agreed (the response says so).
+        deflate: Option<Agreement>,
     },
 }
 
@@ -62,8 +69,9 @@ const fn reject(status: u16, reason: &'static str) -> Upgrade<'static> {
     Upgrade::Reject(Rejection { status, reason })
 }
 
-/// Looks at the request bytes received so far.
-pub fn parse(buf: &[u8]) -> Upgrade<'_> {
+/// Looks at the request bytes received so far. `deflate` is what permessage-deflate
+/// negotiation may agree to.
+pub fn parse<'a>(buf: &'a [u8], deflate: &DeflateConfig) -> Upgrade<'a> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let consumed = match req.parse(buf) {
@@ -183,10 +191,23 @@ pub fn parse(buf: &[u8]) -> Upgrade<'_> {
     let Some(key) = key.filter(|k| valid_key(k)) else {
         return reject(400, "missing or malformed Sec-WebSocket-Key");
     };
+    // Every Sec-WebSocket-Extensions line, in order: their lists concatenate (RFC 6455 §9.1).
+    let offers = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
+        .map(|h| h.value);
+    let Ok(agreement) = deflate::negotiate(offers, deflate) else {
+        return reject(
+            400,
+            "malformed Sec-WebSocket-Extensions header (RFC 6455 section 9.1 syntax)",
+        );
+    };
     Upgrade::Accept {
         route,
-        response: switching_protocols(key),
+        response: switching_protocols(key, agreement),
         consumed,
+        deflate: agreement,
     }
 }
 
@@ -235,14 +256,18 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
         .any(|t| trim(t).eq_ignore_ascii_case(token))
 }
 
-fn switching_protocols(key: &[u8]) -> Bytes {
+fn switching_protocols(key: &[u8], deflate: Option<Agreement>) -> Bytes {
     let accept = derive_accept_key(key);
-    let mut out = Vec::with_capacity(130);
+    let mut out = Vec::with_capacity(if deflate.is_some() { 256 } else { 130 });
     out.extend_from_slice(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
     );
     out.extend_from_slice(accept.as_bytes());
-    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(b"\r\n");
+    if let Some(a) = deflate {
+        a.write_response_header(&mut out);
+    }
+    out.extend_from_slice(b"\r\n");
     Bytes::from(out)
 }
 
@@ -250,9 +275,12 @@ fn switching_protocols(key: &[u8]) -> Bytes {
 pub fn error_response(r: Rejection) -> Bytes {
     let title = match r.status {
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         426 => "Upgrade Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Error",
@@ -260,7 +288,9 @@ pub fn error_response(r: Rejection) -> Bytes {
     let extra = match r.status {
         426 => "Sec-WebSocket-Version: 13\r\nUpgrade: websocket\r\n",
         405 => "Allow: GET\r\n",
-        503 => "Retry-After: 1\r\n",
+        503 | 429 => "Retry-After: 1\r\n",
+        // RFC 6750 3: the scheme a client should answer with.
+        401 => "WWW-Authenticate: Bearer realm=\"megasock\"\r\n",
         _ => "",
     };
     let body = format!("{} {}: {}\n", r.status, title, r.reason);
@@ -300,7 +330,7 @@ mod tests {
     const GOOD: &str = "GET /ws/lobby HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
 
     fn status(req: &str) -> u16 {
-        match parse(req.as_bytes()) {
+        match parse(req.as_bytes(), &DeflateConfig::default()) {
             Upgrade::Reject(r) => r.status,
             Upgrade::Page(_) => 200,
             Upgrade::Accept { .. } => 101,
@@ -314,7 +344,8 @@ mod tests {
             route,
             response,
             consumed,
-        } = parse(GOOD.as_bytes())
+            deflate,
+        } = parse(GOOD.as_bytes(), &DeflateConfig::default())
         else {
             panic!("should accept")
         };
@@ -322,6 +353,70 @@ mod tests {
         assert_eq!(consumed, GOOD.len());
         let text = std::str::from_utf8(&response).unwrap();
         assert!(text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert!(text.ends_with("\r\n\r\n"));
+        assert_eq!(deflate, None, "nothing offered, nothing agreed");
+        assert!(!text.contains("Extensions"));
+    }
+
+    /// The 101 for `GOOD` plus these extra header lines.
+    fn upgrade_with(extra: &str, cfg: &DeflateConfig) -> Result<(String, Option<Agreement>), u16> {
+        let req = GOOD.replace("\r\n\r\n", &format!("\r\n{extra}\r\n\r\n"));
+        match parse(req.as_bytes(), cfg) {
+            Upgrade::Accept {
+                response, deflate, ..
+            } => Ok((String::from_utf8(response.to_vec()).unwrap(), deflate)),
+            Upgrade::Reject(r) => Err(r.status),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn permessage_deflate_is_negotiated_in_the_101() {
+        let on = DeflateConfig::default();
+        let (text, agreed) = upgrade_with(
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",
+            &on,
+        )
+        .unwrap();
+        assert!(agreed.is_some());
+        assert!(
+            text.ends_with(
+                "\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; \
+                 client_no_context_takeover\r\n\r\n"
+            ),
+            "{text}"
+        );
+        // Offers spread over two header lines: the first acceptable one wins.
+        let (text, agreed) = upgrade_with(
+            "Sec-WebSocket-Extensions: x-webkit-deflate-frame\r\n\
+             Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=10",
+            &on,
+        )
+        .unwrap();
+        assert_eq!(agreed.unwrap().server_max_window_bits(), 10);
+        assert!(text.contains("; server_max_window_bits=10\r\n"), "{text}");
+        // A bad offer is declined, not fatal.
+        let (text, agreed) = upgrade_with(
+            "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=16",
+            &on,
+        )
+        .unwrap();
+        assert_eq!(agreed, None);
+        assert!(!text.contains("Extensions"), "{text}");
+        // A header that breaks the grammar is a 400.
+        assert_eq!(
+            upgrade_with("Sec-WebSocket-Extensions: permessage-deflate;;", &on),
+            Err(400)
+        );
+        // Off: offers are not even read.
+        let off = DeflateConfig {
+            enabled: false,
+            ..on
+        };
+        let (text, agreed) =
+            upgrade_with("Sec-WebSocket-Extensions: permessage-deflate;;", &off).unwrap();
+        assert_eq!(agreed, None);
+        assert!(!text.contains("Extensions"));
     }
 
     #[test]
@@ -364,7 +459,8 @@ mod tests {
     fn absolute_form_targets_route_by_path() {
         for target in ["http://example.com/ws/lobby", "ws://h:8080/ws/lobby?x=1"] {
             let req = GOOD.replace("/ws/lobby", target);
-            let Upgrade::Accept { route, .. } = parse(req.as_bytes()) else {
+            let Upgrade::Accept { route, .. } = parse(req.as_bytes(), &DeflateConfig::default())
+            else {
                 panic!("{target} should upgrade")
             };
             assert_eq!(route, Route::Room("lobby"));

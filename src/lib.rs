@@ -7,12 +7,15 @@
 //! [`session`] is the protocol of one connection without sockets (bytes in, actions out);
 //! [`connection`] is what a worker holds per socket, [`timer_wheel`] its deadlines.
 
+pub mod abuse;
+pub mod access;
 pub mod admin;
 pub mod bridge;
 pub mod bus;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod deflate;
 pub mod handshake;
 pub mod limits;
 pub mod listener;

@@ -28,8 +28,11 @@ pub enum Disconnect {
     ProtocolError,
     /// A text message or close reason was not UTF-8 (close 1007).
     InvalidUtf8,
-    /// A message exceeded `--max-message-size` (close 1009).
+    /// A message exceeded `--max-message-size` (close 1009); for a compressed message, its
+    /// inflated size did (a zip bomb ends here too).
     MessageTooBig,
+    /// A permessage-deflate compressed message was not valid deflate data (close 1007).
+    InvalidCompressed,
     /// Queued output exceeded `--max-backpressure` (close 1008).
     SlowConsumer,
     /// Nothing received for `--idle-timeout` (close 1001).
@@ -44,18 +47,23 @@ pub enum Disconnect {
     Shutdown,
     /// A plain HTTP page was served (`GET /`, `GET /rooms/{room}`), then the socket closed.
     PageServed,
+    /// The client's token expired on the open connection (close 1008 "token expired").
+    TokenExpired,
+    /// The client went over `--max-message-rate` (close 1008 "message rate").
+    MessageRate,
     /// The TLS handshake failed (not TLS, no shared version or cipher, a bad record).
     TlsHandshakeFailed,
 }
 
 impl Disconnect {
-    pub const ALL: [Disconnect; 14] = [
+    pub const ALL: [Disconnect; 17] = [
         Disconnect::ClientClose,
         Disconnect::PeerGone,
         Disconnect::IoError,
         Disconnect::ProtocolError,
         Disconnect::InvalidUtf8,
         Disconnect::MessageTooBig,
+        Disconnect::InvalidCompressed,
         Disconnect::SlowConsumer,
         Disconnect::IdleTimeout,
         Disconnect::HandshakeTimeout,
@@ -63,6 +71,8 @@ impl Disconnect {
         Disconnect::OverCapacity,
         Disconnect::Shutdown,
         Disconnect::PageServed,
+        Disconnect::TokenExpired,
+        Disconnect::MessageRate,
         Disconnect::TlsHandshakeFailed,
     ];
 
@@ -74,6 +84,7 @@ impl Disconnect {
             Disconnect::ProtocolError => "protocol_error",
             Disconnect::InvalidUtf8 => "invalid_utf8",
             Disconnect::MessageTooBig => "message_too_big",
+            Disconnect::InvalidCompressed => "invalid_compressed_data",
             Disconnect::SlowConsumer => "slow_consumer",
             Disconnect::IdleTimeout => "idle_timeout",
             Disconnect::HandshakeTimeout => "handshake_timeout",
@@ -81,6 +92,8 @@ impl Disconnect {
             Disconnect::OverCapacity => "over_capacity",
             Disconnect::Shutdown => "shutdown",
             Disconnect::PageServed => "http_page_served",
+            Disconnect::TokenExpired => "token_expired",
+            Disconnect::MessageRate => "message_rate",
             Disconnect::TlsHandshakeFailed => "tls_handshake_failed",
         }
     }
@@ -106,7 +119,7 @@ impl DropReason {
 }
 
 /// HTTP statuses the upgrade path answers with (`megasock_http_responses_total`).
-pub const HTTP_STATUSES: [u16; 8] = [400, 404, 405, 426, 431, 503, 101, 200];
+pub const HTTP_STATUSES: [u16; 11] = [400, 401, 403, 404, 405, 426, 429, 431, 503, 101, 200];
 
 fn status_index(status: u16) -> usize {
     HTTP_STATUSES.iter().position(|&s| s == status).unwrap_or(0)
@@ -143,6 +156,10 @@ pub struct WorkerStats {
     pub publisher_pauses: AtomicU64,
     pub wakeups_sent: AtomicU64,
     pub pings_sent: AtomicU64,
+    /// Upgrades refused by the token, room grant or Origin checks, by reason.
+    pub access: crate::access::AccessStats,
+    /// Connections refused by a per-address limit, by limit.
+    pub limits: crate::abuse::LimitStats,
     /// Loop turn durations over the last second (microseconds).
     pub turn_p50_us: AtomicU64,
     pub turn_p99_us: AtomicU64,
@@ -159,6 +176,23 @@ pub struct WorkerStats {
     pub latency_sum_us: AtomicU64,
     /// p99 of the delivery latency samples of the last second (microseconds).
     pub latency_p99_us: AtomicU64,
+    /// permessage-deflate: upgrades that agreed to it.
+    pub deflate_negotiated: AtomicU64,
+    /// Messages compressed (once per batch and window size, whatever the number of members).
+    pub deflate_compressed: AtomicU64,
+    /// Their payload bytes before and after compression.
+    pub deflate_bytes_in: AtomicU64,
+    pub deflate_bytes_out: AtomicU64,
+    /// Messages that went uncompressed to members with deflate (under --deflate-min-size, or
+    /// no smaller compressed), counted like `deflate_compressed`.
+    pub deflate_plain: AtomicU64,
+    /// Client messages inflated, and their inflated bytes.
+    pub deflate_inflated: AtomicU64,
+    pub deflate_inflated_bytes: AtomicU64,
+    /// Compressed client messages refused: [too big once inflated, corrupt].
+    pub inflate_failures: [AtomicU64; 2],
+    /// Connections holding an inflate state between messages (client context takeover).
+    pub inflaters_held: AtomicI64,
     pub disconnects: [AtomicU64; Disconnect::ALL.len()],
     pub dropped: [AtomicU64; DropReason::ALL.len()],
     pub http: [AtomicU64; HTTP_STATUSES.len()],
@@ -356,6 +390,69 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE megasock_{name} counter");
             let _ = writeln!(out, "megasock_{name} {}", self.sum(f));
         }
+        let deflate: [(&str, &str, Field); 7] = [
+            (
+                "deflate_negotiated_total",
+                "Upgrades that agreed to permessage-deflate.",
+                |w| &w.deflate_negotiated,
+            ),
+            (
+                "deflate_messages_compressed_total",
+                "Messages compressed for permessage-deflate members (once per batch and window size, not per member).",
+                |w| &w.deflate_compressed,
+            ),
+            (
+                "deflate_compress_in_bytes_total",
+                "Payload bytes of the compressed messages before compression.",
+                |w| &w.deflate_bytes_in,
+            ),
+            (
+                "deflate_compress_out_bytes_total",
+                "Payload bytes of the compressed messages after compression (out/in is the ratio).",
+                |w| &w.deflate_bytes_out,
+            ),
+            (
+                "deflate_messages_uncompressed_total",
+                "Messages sent uncompressed to permessage-deflate members: under --deflate-min-size or not smaller compressed.",
+                |w| &w.deflate_plain,
+            ),
+            (
+                "deflate_messages_inflated_total",
+                "Compressed client messages inflated.",
+                |w| &w.deflate_inflated,
+            ),
+            (
+                "deflate_inflated_bytes_total",
+                "Bytes of the client messages once inflated.",
+                |w| &w.deflate_inflated_bytes,
+            ),
+        ];
+        for (name, help, f) in deflate {
+            let _ = writeln!(out, "# HELP megasock_{name} {help}");
+            let _ = writeln!(out, "# TYPE megasock_{name} counter");
+            let _ = writeln!(out, "megasock_{name} {}", self.sum(f));
+        }
+        out.push_str(
+            "# HELP megasock_deflate_inflate_failures_total Compressed client messages refused: too_big (inflated past --max-message-size, close 1009) or corrupt (close 1007).\n",
+        );
+        out.push_str("# TYPE megasock_deflate_inflate_failures_total counter\n");
+        for (i, reason) in ["too_big", "corrupt"].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "megasock_deflate_inflate_failures_total{{reason=\"{reason}\"}} {}",
+                self.sum(|w| &w.inflate_failures[i])
+            );
+        }
+        out.push_str(
+            "# HELP megasock_deflate_inflaters_held Connections holding an inflate state (47,712 B) between messages for client context takeover.\n",
+        );
+        out.push_str("# TYPE megasock_deflate_inflaters_held gauge\n");
+        let held: i64 = self
+            .workers
+            .iter()
+            .map(|w| w.inflaters_held.load(Relaxed))
+            .sum();
+        let _ = writeln!(out, "megasock_deflate_inflaters_held {held}");
         out.push_str("# HELP megasock_disconnects_total Connections ended, by reason.\n");
         out.push_str("# TYPE megasock_disconnects_total counter\n");
         for r in Disconnect::ALL {

@@ -121,6 +121,10 @@ impl Server {
             started: std::time::Instant::now(),
             metrics: Metrics::new(workers),
             rooms,
+            guards: crate::abuse::Guards::new(
+                config.max_connections_per_ip,
+                config.max_handshakes_per_ip,
+            ),
             bridge: bridge_link,
             wakeups,
             tls,
@@ -200,6 +204,28 @@ impl Server {
             fd.hard,
             metrics_addr.map_or(String::new(), |a| format!(" | admin http://{a}/ (metrics, healthz, readyz, stats, publish)")),
         );
+        let c = &shared.config;
+        if let Some(gate) = &c.gate {
+            log::info!("access: {}", gate.describe());
+        }
+        if c.max_connections_per_ip.is_some()
+            || c.max_handshakes_per_ip.is_some()
+            || c.message_rate.is_some()
+        {
+            let or_off = |v: Option<u32>| v.map_or("off".to_string(), |n| n.to_string());
+            log::info!(
+                "limits: max-connections-per-ip {} | max-handshakes-per-ip {} | \
+                 max-message-rate {}",
+                or_off(c.max_connections_per_ip),
+                c.max_handshakes_per_ip
+                    .map_or("off".to_string(), |n| format!("{n}/s")),
+                c.message_rate.map_or("off".to_string(), |r| format!(
+                    "{}/s, burst {}",
+                    r.per_second(),
+                    r.burst()
+                )),
+            );
+        }
         // Our workers accept: the predecessor may drain, and we wait for our successor.
         if let Some(i) = inherited {
             i.release_predecessor()?;

@@ -33,14 +33,17 @@
 use bytes::Bytes;
 
 use crate::codec::{self, Kind, OutKind, Parsed, PartialText, Utf8Stream, Violation};
+use crate::deflate::{Agreement, DeflateConfig, InflateError, InflaterPool};
 use crate::handshake::{self, Page, Route, Upgrade};
 use crate::metrics::Disconnect;
 
 mod parse;
+mod policy;
 #[cfg(test)]
 mod tests;
 
 use parse::Inbound;
+pub use policy::{Admission, MESSAGE_RATE, TOKEN_EXPIRED};
 
 /// Where a session is in its life (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,16 +63,58 @@ pub struct Limits {
     pub ping: u32,
     pub idle: u32,
     pub close: u32,
+    /// `--max-message-rate` with its burst, if set.
+    pub message_rate: Option<crate::abuse::message_rate::MessageRate>,
     /// While the server drains, the last tick a closing connection may live.
     pub drain_until: Option<u32>,
     /// Connections start with a PROXY protocol header (`--proxy-protocol`).
     pub proxy: bool,
+    /// What permessage-deflate negotiation may agree to.
+    pub deflate: DeflateConfig,
+}
+
+/// What a session borrows from its worker to inflate permessage-deflate messages: spare
+/// inflaters (a connection holds one only while a compressed message is in flight, unless
+/// the client keeps context takeover) and the buffer a one-frame message is inflated into.
+pub struct Inflating {
+    pub pool: InflaterPool,
+    out: Vec<u8>,
+}
+
+impl Default for Inflating {
+    fn default() -> Self {
+        Inflating::new(4)
+    }
+}
+
+impl Inflating {
+    /// Keeps at most `spare` idle inflaters (47,712 B each).
+    pub fn new(spare: usize) -> Inflating {
+        Inflating {
+            pool: InflaterPool::new(spare),
+            out: Vec::new(),
+        }
+    }
+
+    fn take_buffer(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Takes the buffer back for the next message, unless a big message grew it: a worker
+    /// should not pin up to `--max-message-size` after one.
+    fn put_buffer(&mut self, mut out: Vec<u8>) {
+        if out.capacity() <= 64 * 1024 {
+            out.clear();
+            self.out = out;
+        }
+    }
 }
 
 /// What a session asks of the server around it while it reads.
 pub trait Host {
-    /// The upgrade was accepted for `route` (the 101 response follows through [`Host::send`]).
-    fn upgraded(&mut self, route: Route<'_>);
+    /// The upgrade was accepted for `route`, with permessage-deflate if `deflate` (the 101
+    /// response follows through [`Host::send`]).
+    fn upgraded(&mut self, route: Route<'_>, deflate: Option<Agreement>);
     /// A complete, checked data message from an open connection.
     fn message(&mut self, kind: Kind, payload: &[u8]);
     /// Bytes to write after everything emitted before them (pong, close, HTTP response).
@@ -83,9 +128,32 @@ pub trait Host {
     fn http_status(&mut self, status: u16);
     /// A ping went out to a quiet connection.
     fn pinged(&mut self) {}
+    /// The worker's inflate pool and buffer (used only with permessage-deflate).
+    fn inflating(&mut self) -> &mut Inflating;
+    /// A compressed message was inflated to `bytes` bytes.
+    fn inflated(&mut self, bytes: usize) {
+        let _ = bytes;
+    }
+    /// A compressed message could not be inflated (the connection is failed right after).
+    fn inflate_failed(&mut self, why: InflateError) {
+        let _ = why;
+    }
     /// The client's address from a PROXY protocol header (None: the proxy's own connection).
-    fn peer(&mut self, addr: Option<std::net::SocketAddr>) {
+    /// An error refuses the connection with that answer (a per-address limit).
+    fn peer(&mut self, addr: Option<std::net::SocketAddr>) -> Result<(), handshake::Rejection> {
         let _ = addr;
+        Ok(())
+    }
+    /// May this request (`head`, parsed and well formed) have its answer? Asked before an
+    /// upgrade or a room page is answered: the token, room grant, Origin and subprotocol
+    /// checks (`crate::access`). An error is answered instead.
+    fn admit(
+        &mut self,
+        head: &[u8],
+        target: crate::access::Target<'_>,
+    ) -> Result<Admission, handshake::Rejection> {
+        let _ = (head, target);
+        Ok(Admission::default())
     }
     /// A plain page on the WebSocket listener: the full response, or the error to answer.
     fn page(&mut self, page: Page<'_>) -> Result<Bytes, handshake::Rejection> {
@@ -129,14 +197,21 @@ mod bit {
     pub const PROXIED: u8 = 1 << 4;
 }
 
-/// One connection's protocol state: 16 bytes while idle.
+/// One connection's protocol state: 24 bytes while idle (16 of protocol state, 8 for the token's
+/// expiry and the message-rate bucket; the deflate agreement fits in what would be padding).
 pub struct Session {
     phase: Phase,
     bits: u8,
+    /// permessage-deflate parameters, if the handshake agreed to it.
+    deflate: Option<Agreement>,
     /// Tick the phase's clock started: last time heard from (Open), or when the phase was
     /// entered (other phases).
     since: u32,
     inbound: Option<Box<Inbound>>,
+    /// The tick the client's token expires (`policy::NEVER` without one).
+    expires: u32,
+    /// The `--max-message-rate` bucket (`abuse::message_rate`; starts full).
+    tokens: u32,
 }
 
 impl Session {
@@ -144,9 +219,32 @@ impl Session {
         Session {
             phase: Phase::Handshake,
             bits: 0,
+            deflate: None,
             since: now,
             inbound: None,
+            expires: policy::NEVER,
+            tokens: u32::MAX,
         }
+    }
+
+    /// The permessage-deflate agreement, if any: how to compress what this connection gets.
+    #[inline]
+    pub fn deflate(&self) -> Option<Agreement> {
+        self.deflate
+    }
+
+    /// Records the agreement on a stand-in (see [`Session::stand_in`]) when the real session
+    /// upgrades while being fed, so output routed to this connection meanwhile is compressed.
+    pub fn set_deflate(&mut self, deflate: Option<Agreement>) {
+        self.deflate = deflate;
+    }
+
+    /// True while the connection holds an inflate state (a compressed message in flight, or
+    /// kept between messages for client context takeover).
+    pub fn holds_inflater(&self) -> bool {
+        self.inbound
+            .as_ref()
+            .is_some_and(|ib| ib.inflate.heap_bytes() > 0)
     }
 
     #[inline]
@@ -180,8 +278,11 @@ impl Session {
         Session {
             phase: self.phase,
             bits: self.bits,
+            deflate: self.deflate,
             since: self.since,
             inbound: None,
+            expires: self.expires,
+            tokens: self.tokens,
         }
     }
 
@@ -206,8 +307,9 @@ impl Session {
 
     /// Something arrived: the connection is alive.
     #[inline]
-    pub fn heard(&mut self, now: u32) {
+    pub fn heard(&mut self, now: u32, lim: &Limits) {
         if self.phase == Phase::Open {
+            self.refill(now, lim);
             self.since = now;
             self.bits &= !bit::PINGED;
         }
@@ -218,7 +320,7 @@ impl Session {
     /// Takes bytes read from the socket. `fresh` is parsed in place when nothing is stashed
     /// (the common case: no copy); only a trailing partial request or frame is kept.
     pub fn receive<H: Host>(&mut self, fresh: &mut [u8], lim: &Limits, now: u32, host: &mut H) {
-        self.heard(now);
+        self.heard(now, lim);
         if self.phase == Phase::Lingering {
             return; // discarded unread
         }
@@ -349,7 +451,7 @@ impl Session {
                 } else {
                     lim.ping
                 };
-                self.since + wait
+                (self.since + wait).min(self.expires)
             }
             Phase::Closing | Phase::Lingering => {
                 let own = self.since + lim.close;
@@ -363,7 +465,7 @@ impl Session {
     /// cross-core ring), which does not count as the client's silence.
     pub fn on_timer<H: Host>(&mut self, now: u32, paused: bool, lim: &Limits, host: &mut H) -> Due {
         if paused {
-            self.heard(now);
+            self.heard(now, lim);
         }
         let deadline = self.deadline(lim);
         match self.phase {
@@ -377,6 +479,9 @@ impl Session {
                 Due::Drop
             }
             Phase::Open => {
+                if now >= self.expires {
+                    return self.expire(now, lim, host);
+                }
                 let quiet = now.saturating_sub(self.since);
                 if quiet >= lim.idle {
                     host.before_close();
@@ -391,7 +496,11 @@ impl Session {
                     host.pinged();
                     host.send(codec::encode(OutKind::Ping, b""));
                     // Look again one interval from now: if the pong came, the next ping is due.
-                    return Due::At((self.since + lim.idle).min(now + lim.ping));
+                    return Due::At(
+                        (self.since + lim.idle)
+                            .min(now + lim.ping)
+                            .min(self.expires),
+                    );
                 }
                 Due::At(deadline)
             }

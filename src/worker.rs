@@ -26,6 +26,7 @@
 
 mod accept;
 mod fanout;
+mod guard;
 mod lifecycle;
 mod read;
 mod samplers;
@@ -44,10 +45,11 @@ use slab::Slab;
 use crate::bus::{self, CrossCoreBus, Wakeup};
 use crate::config::Config;
 use crate::connection::{ready, Connection};
+use crate::deflate::{CompressStats, FrameCompressor};
 use crate::metrics::{Metrics, WorkerStats};
 use crate::outbox::FrameBatch;
 use crate::room_index::{RoomDirectory, RoomIndex};
-use crate::session::Limits;
+use crate::session::{Inflating, Limits};
 use crate::timer_wheel::{Entry, TimerWheel, TICK};
 
 /// Size of the per-worker read buffer shared by all its connections.
@@ -58,6 +60,8 @@ const READS_PER_TURN: usize = 16;
 const ACCEPTS_PER_TURN: usize = 64;
 /// Cross-core deliveries taken per turn.
 const INBOUND_BATCH: usize = 4096;
+/// Idle inflaters a worker keeps for the next compressed message (47,712 B each).
+const SPARE_INFLATERS: usize = 4;
 
 const WAKER: Token = Token(usize::MAX);
 const LISTENER_BASE: usize = usize::MAX - 1;
@@ -84,6 +88,8 @@ pub struct Shared {
     pub failure: Mutex<Option<String>>,
     pub metrics: Metrics,
     pub rooms: RoomDirectory,
+    /// The per-address limits' tables (`--max-connections-per-ip`, `--max-handshakes-per-ip`).
+    pub guards: crate::abuse::Guards,
     /// The Redis bridge's way in, with `--redis`.
     pub bridge: Option<Arc<crate::bridge::BridgeLink>>,
     pub wakeups: Arc<[Arc<Wakeup>]>,
@@ -158,6 +164,9 @@ struct Tally {
     bytes_out: u64,
     write_syscalls: u64,
     bus_received: u64,
+    deflate: CompressStats,
+    inflated: u64,
+    inflated_bytes: u64,
 }
 
 impl Tally {
@@ -170,6 +179,12 @@ impl Tally {
             (&s.bytes_out, t.bytes_out),
             (&s.write_syscalls, t.write_syscalls),
             (&s.bus_received, t.bus_received),
+            (&s.deflate_compressed, t.deflate.compressed),
+            (&s.deflate_bytes_in, t.deflate.bytes_in),
+            (&s.deflate_bytes_out, t.deflate.bytes_out),
+            (&s.deflate_plain, t.deflate.plain),
+            (&s.deflate_inflated, t.inflated),
+            (&s.deflate_inflated_bytes, t.inflated_bytes),
         ] {
             if n > 0 {
                 WorkerStats::add(counter, n);
@@ -220,8 +235,15 @@ pub struct Worker {
     feeding: u32,
     /// The connection being fed went over `--max-backpressure` (closed once it is back).
     feeding_over_limit: bool,
+    /// Per-address keys of the connections counted by `--max-connections-per-ip` (guard.rs).
+    ip_keys: std::collections::HashMap<u32, u64>,
     /// Client addresses from PROXY protocol headers (only with `--proxy-protocol`).
     proxied: std::collections::HashMap<u32, std::net::SocketAddr>,
+    /// permessage-deflate, outbound: compresses a batch once per window size for the members
+    /// that negotiated it (`fanout.rs`).
+    compressor: FrameCompressor,
+    /// permessage-deflate, inbound: spare inflaters and the inflate buffer sessions borrow.
+    inflating: Inflating,
     tally: Tally,
 }
 
@@ -248,8 +270,10 @@ impl Worker {
             ping: ticks_of(c.ping_interval),
             idle: ticks_of(c.idle_timeout),
             close: ticks_of(c.close_timeout),
+            message_rate: c.message_rate,
             drain_until: None,
             proxy: c.proxy_protocol,
+            deflate: c.deflate,
         };
         let per_worker = shared.max_connections / c.workers + 1;
         let listener_tls = listeners
@@ -260,6 +284,7 @@ impl Worker {
             })
             .collect();
         let started = shared.started;
+        let compressor = FrameCompressor::new(c.deflate_level, c.deflate_min_size);
         Ok(Worker {
             id,
             poll,
@@ -291,7 +316,10 @@ impl Worker {
             echoes: FrameBatch::default(),
             feeding: NOBODY,
             feeding_over_limit: false,
+            ip_keys: std::collections::HashMap::new(),
             proxied: std::collections::HashMap::new(),
+            compressor,
+            inflating: Inflating::new(SPARE_INFLATERS),
             tally: Tally::default(),
         })
     }

@@ -1,5 +1,6 @@
 //! The demo page (`GET /`) in a real browser: headless Chromium, driven by
-//! `tests/browser/demo.mjs` (playwright-core), joins one room from two pages and chats.
+//! `tests/browser/demo.mjs` (playwright-core), joins one room from two pages and chats, with
+//! permessage-deflate (Chromium always offers it), checked on /metrics.
 //!
 //! Needs Debian's `/usr/bin/chromium` and `npm ci` in `tests/browser`; `.ci/run` installs both.
 
@@ -107,6 +108,29 @@ fn demo_page_chats_between_two_browser_pages() {
         Some(s) => assert!(s.success(), "demo.mjs failed ({s}):\n{out}{err}"),
         None => panic!("demo.mjs did not finish within 60 s:\n{out}{err}"),
     }
+
+    // Chromium always offers permessage-deflate: both pages agreed to it, the messages they
+    // sent arrived compressed, and the copies megasock sent them went out compressed (the
+    // texts are long enough for --deflate-min-size and shrink).
+    let text = server.metrics_text();
+    let metric = |name: &str| server.metric(name);
+    assert!(
+        metric("megasock_deflate_negotiated_total") >= 2,
+        "pages did not negotiate permessage-deflate:\n{text}"
+    );
+    assert!(
+        metric("megasock_deflate_messages_inflated_total") >= 2,
+        "Chromium's messages did not arrive compressed:\n{text}"
+    );
+    assert!(
+        metric("megasock_deflate_messages_compressed_total") >= 2,
+        "the demo's messages were not sent compressed:\n{text}"
+    );
+    assert!(
+        metric("megasock_deflate_compress_out_bytes_total")
+            < metric("megasock_deflate_compress_in_bytes_total"),
+        "{text}"
+    );
 
     let size = std::fs::metadata(&shot)
         .unwrap_or_else(|e| panic!("no screenshot at {}: {e}", shot.display()))

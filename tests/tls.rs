@@ -674,3 +674,40 @@ impl Drop for KillOnDrop {
             .status();
     }
 }
+
+#[test]
+fn refusals_at_accept_close_a_wss_socket_without_plaintext() {
+    let pki = TestPki::new("per-ip", -1, 30);
+    let (server, wss) = start_tls(&pki, &["--max-connections-per-ip", "1"]);
+    let config = client_config(&pki.ca, &rustls::version::TLS13);
+    let mut first = Wss::connect(wss, config.clone(), "/echo");
+    let mut s = TcpStream::connect(wss).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = Vec::new();
+    let r = s.read_to_end(&mut out);
+    assert!(
+        r.is_ok() && out.is_empty(),
+        "closed, nothing sent: {r:?} {out:?}"
+    );
+    assert!(
+        Wss::try_connect(wss, config, "/echo").is_err(),
+        "a TLS client over the limit gets no connection"
+    );
+    first.send(0x1, b"still served");
+    assert_eq!(first.recv(), (0x1, b"still served".to_vec()));
+    assert!(server.metric("megasock_disconnects_total{reason=\"http_rejected\"}") >= 2);
+}
+
+#[test]
+fn proxy_protocol_with_tls_is_refused_with_advice() {
+    let pki = TestPki::new("proxy", -1, 30);
+    let (c, k) = (pki.cert(), pki.key());
+    let err = run_expecting_failure(&[
+        "--tls-cert",
+        c.to_str().unwrap(),
+        "--tls-key",
+        k.to_str().unwrap(),
+        "--proxy-protocol",
+    ]);
+    assert!(err.contains("terminate TLS at the proxy"), "{err}");
+}

@@ -399,7 +399,13 @@ fn server_figures(
             );
         }
     }
-    m.insert("server".into(), server);
+    // Joins what cpu_figures put there (the CPU per delivery of the run).
+    match (m.get_mut("server"), server) {
+        (Some(Value::Object(old)), Value::Object(new)) => old.extend(new),
+        (_, server) => {
+            m.insert("server".into(), server);
+        }
+    }
 }
 
 pub fn echo(sc: &Scenario, a: &EchoArgs, plan: &Plan, out: &RunOutcome) -> Report {

@@ -34,6 +34,7 @@ fn metrics(scenario: &str) -> &'static [&'static str] {
             "/duplicated",
             "/reordered",
             "/server/deliveries_per_cpu_s",
+            "/wire_bytes_per_delivery",
             "/loadgen/run_cpu_utilization_per_thread",
         ],
         "ladder" => &[

@@ -351,6 +351,8 @@ impl Ctx {
         if let Some(bridge) = &s.bridge {
             bridge.render(&mut out);
         }
+        crate::access::render(m_workers(s).map(|w| &w.access), &mut out);
+        s.guards.render(m_workers(s).map(|w| &w.limits), &mut out);
         crate::limits::process_metrics(&mut out);
         out
     }
@@ -422,6 +424,11 @@ impl Ctx {
         j.push_str("]}\n");
         Response::json(200, j)
     }
+}
+
+/// Every worker's counters.
+fn m_workers(s: &Shared) -> impl Iterator<Item = &crate::metrics::WorkerStats> + Clone {
+    s.metrics.workers.iter().map(|w| &**w)
 }
 
 fn method_not_allowed(allow: &'static str) -> Response {

@@ -3,6 +3,7 @@
 //! Every failure ends in `Session::fail`: one close frame, and nothing read after it.
 
 use super::*;
+use crate::deflate::{self, MessageInflate};
 
 /// Bytes kept between reads, allocated only while needed.
 #[derive(Default)]
@@ -16,17 +17,57 @@ pub(super) struct Inbound {
     partial: PartialText,
     /// Handshake: bytes of the head already searched for its end.
     scanned: u32,
+    /// permessage-deflate: the inflate state of a compressed message in flight, or kept
+    /// between messages when the client has context takeover. Empty otherwise.
+    pub(super) inflate: MessageInflate,
 }
 
 pub(super) struct Fragments {
     kind: Kind,
+    /// The message so far; inflated, if it is compressed.
     pub(super) data: Vec<u8>,
     utf8: Utf8Stream,
+    /// The message is permessage-deflate compressed (RSV1 on its first frame).
+    compressed: bool,
 }
 
 impl Inbound {
     pub(super) fn is_idle(&self) -> bool {
-        self.stash.is_empty() && self.fragments.is_none()
+        self.stash.is_empty() && self.fragments.is_none() && self.inflate.heap_bytes() == 0
+    }
+}
+
+/// How the client's input fails the connection: the close frame, and the reason counted.
+pub(super) struct Failure {
+    v: Violation,
+    why: Disconnect,
+}
+
+impl From<Violation> for Failure {
+    fn from(v: Violation) -> Failure {
+        let why = match v.code {
+            codec::CLOSE_INVALID_DATA => Disconnect::InvalidUtf8,
+            codec::CLOSE_TOO_BIG => Disconnect::MessageTooBig,
+            _ => Disconnect::ProtocolError,
+        };
+        Failure { v, why }
+    }
+}
+
+impl Failure {
+    /// A compressed message that could not be inflated; the host counts it first.
+    fn inflate<H: Host>(e: deflate::InflateError, host: &mut H) -> Failure {
+        host.inflate_failed(e);
+        Failure {
+            v: Violation {
+                code: e.close_code(),
+                reason: e.reason(),
+            },
+            why: match e {
+                deflate::InflateError::TooBig => Disconnect::MessageTooBig,
+                deflate::InflateError::Corrupt => Disconnect::InvalidCompressed,
+            },
+        }
     }
 }
 
@@ -41,7 +82,7 @@ impl Session {
     /// interleave, and a pong answers the ping, not the data. A close is never taken early:
     /// the messages before it are delivered first.
     pub fn receive_held<H: Host>(&mut self, fresh: &[u8], lim: &Limits, now: u32, host: &mut H) {
-        self.heard(now);
+        self.heard(now, lim);
         if self.phase != Phase::Open {
             let mut copy = fresh.to_vec();
             return self.receive(&mut copy, lim, now, host);
@@ -55,17 +96,26 @@ impl Session {
             .fragments
             .as_ref()
             .map(|f| (f.kind == Kind::Text, f.utf8, f.data.len()));
+        // A compressed message is judged only once inflated, so nothing behind one is
+        // taken early: its pings wait for the pause to end like its data.
+        let compressed = ib.fragments.as_ref().is_some_and(|f| f.compressed);
         let first_done = ib.partial.unmasked as usize;
         let stash = &mut ib.stash;
         let mut pos = 0;
+        let deflate = self.deflate.is_some();
         // `partial` (progress through the first frame) is never disturbed: only complete
         // control frames are taken out, and a first frame with progress is a text frame.
-        while let Ok(Parsed::Frame(h)) = codec::parse_header(&stash[pos..], lim.max_message) {
+        while let Ok(Parsed::Frame(h)) =
+            codec::parse_header(&stash[pos..], lim.max_message, deflate)
+        {
             let total = h.header_len + h.payload_len;
             if stash.len() - pos < total || h.kind == Kind::Close {
                 break;
             }
             if !matches!(h.kind, Kind::Ping | Kind::Pong) {
+                if h.compressed || compressed {
+                    break;
+                }
                 let so_far = message.map_or(0, |m| m.2);
                 let fits = match (h.kind, message) {
                     (Kind::Continuation, None) | (Kind::Text | Kind::Binary, Some(_)) => false,
@@ -156,7 +206,10 @@ impl Session {
                 }
                 crate::proxy_protocol::Header::Complete(n, addr) => {
                     self.bits |= super::bit::PROXIED;
-                    host.peer(addr);
+                    if let Err(r) = host.peer(addr) {
+                        self.reject(r, now, host);
+                        return buf.len();
+                    }
                     n + self.consume_request(&mut buf[n..], ib, lim, now, host)
                 }
             };
@@ -177,7 +230,7 @@ impl Session {
                 ib.get_or_insert_with(Box::default).scanned = buf.len() as u32;
                 return 0;
             };
-            match handshake::parse(&buf[..end]) {
+            match handshake::parse(&buf[..end], &lim.deflate) {
                 Upgrade::Incomplete if end > handshake::MAX_HEAD => {
                     self.reject(TOO_BIG, now, host);
                     return buf.len();
@@ -186,6 +239,7 @@ impl Session {
                 parsed => break (end, parsed),
             }
         };
+        let parsed = self.admit(parsed, &buf[..end], host);
         match parsed {
             // The loop above only stops on a verdict; were it not to, waiting is harmless.
             Upgrade::Incomplete => 0,
@@ -209,10 +263,12 @@ impl Session {
                 route,
                 response,
                 consumed,
+                deflate,
             } => {
                 debug_assert_eq!(consumed, end);
+                self.deflate = deflate;
                 host.http_status(101);
-                host.upgraded(route);
+                host.upgraded(route, deflate);
                 host.send(response);
                 if let Some(ib) = ib.as_mut() {
                     ib.scanned = 0;
@@ -253,9 +309,14 @@ impl Session {
             let open = self.phase == Phase::Open;
             let fragments = ib.as_ref().and_then(|ib| ib.fragments.as_ref());
             let in_progress = fragments.map_or(0, |f| f.data.len());
-            let text_state = fragments.map(|f| (f.kind == Kind::Text, f.utf8));
+            // Compressed text is checked once inflated, not as its frames arrive.
+            let text_state = fragments.map(|f| (f.kind == Kind::Text && !f.compressed, f.utf8));
+            let mut budget = lim.max_message - in_progress;
+            if fragments.is_some_and(|f| f.compressed) {
+                budget = deflate::compressed_bound(budget); // the inflated size is checked
+            }
             let parsed =
-                codec::parse_header(&buf[pos..], lim.max_message - in_progress).and_then(|p| {
+                codec::parse_header(&buf[pos..], budget, self.deflate.is_some()).and_then(|p| {
                     if open {
                         check_sequence(p, fragments.is_some())
                     } else {
@@ -284,7 +345,7 @@ impl Session {
                 // Fail fast: check the text received so far instead of waiting for the whole
                 // frame (Autobahn 6.4.3/6.4.4), continuing from the message's UTF-8 state.
                 let start = match (header.kind, text_state) {
-                    _ if !open => None,
+                    _ if !open || header.compressed => None,
                     (Kind::Text, None) => Some(resume),
                     (Kind::Continuation, Some((true, utf8))) if resume.unmasked == 0 => {
                         Some(PartialText { unmasked: 0, utf8 })
@@ -305,12 +366,16 @@ impl Session {
                 ib.get_or_insert_with(Box::default).partial = partial;
                 break;
             }
+            if open && !self.within_rate(header.kind, lim, now, host) {
+                pos += total; // not delivered; what follows is read only for the client's close
+                continue;
+            }
             let payload = &mut buf[pos + header.header_len..pos + total];
             let done = resume.unmasked as usize;
             codec::unmask_from(&mut payload[done..], header.mask, done);
             pos += total;
-            if let Err(v) = self.on_frame(header.kind, header.fin, payload, ib, now, host) {
-                self.fail(v, now, host);
+            if let Err(f) = self.on_frame(&header, payload, ib, lim, now, host) {
+                self.fail_with(f, now, host);
             }
         }
         pos
@@ -319,13 +384,14 @@ impl Session {
     /// One complete, unmasked frame.
     fn on_frame<H: Host>(
         &mut self,
-        kind: Kind,
-        fin: bool,
+        header: &codec::Header,
         payload: &[u8],
         ib: &mut Option<Box<Inbound>>,
+        lim: &Limits,
         now: u32,
         host: &mut H,
-    ) -> Result<(), Violation> {
+    ) -> Result<(), Failure> {
+        let (kind, fin) = (header.kind, header.fin);
         if self.phase == Phase::Closing {
             // Our close is out: only the peer's answer matters.
             if kind == Kind::Close {
@@ -347,21 +413,25 @@ impl Session {
                 });
                 self.enter(Phase::Lingering, now);
             }
+            Kind::Text | Kind::Binary if header.compressed => {
+                self.inflate_first(kind, fin, payload, ib, lim, host)?;
+            }
             Kind::Text | Kind::Binary if fin => {
                 if kind == Kind::Text && simdutf8::basic::from_utf8(payload).is_err() {
-                    return Err(invalid_utf8());
+                    return Err(invalid_utf8().into());
                 }
                 host.message(kind, payload);
             }
             Kind::Text | Kind::Binary => {
                 let mut utf8 = Utf8Stream::default();
                 if kind == Kind::Text && !utf8.feed(payload) {
-                    return Err(invalid_utf8());
+                    return Err(invalid_utf8().into());
                 }
                 ib.get_or_insert_with(Box::default).fragments = Some(Fragments {
                     kind,
                     data: payload.to_vec(),
                     utf8,
+                    compressed: false,
                 });
             }
             Kind::Continuation => {
@@ -370,14 +440,17 @@ impl Session {
                     .fragments
                     .as_mut()
                     .expect("sequence checked at the header");
+                if f.compressed {
+                    return self.inflate_more(fin, payload, ib, lim, host);
+                }
                 f.data.extend_from_slice(payload);
                 if f.kind == Kind::Text && !f.utf8.feed(payload) {
-                    return Err(invalid_utf8());
+                    return Err(invalid_utf8().into());
                 }
                 if fin {
                     let f = ib.fragments.take().expect("present");
                     if f.kind == Kind::Text && !f.utf8.is_complete() {
-                        return Err(invalid_utf8());
+                        return Err(invalid_utf8().into());
                     }
                     host.message(f.kind, &f.data);
                 }
@@ -386,20 +459,144 @@ impl Session {
         Ok(())
     }
 
+    /// True if the client compresses with the previous messages as context: its inflate
+    /// state then stays with the connection between messages.
+    fn client_takeover(&self) -> bool {
+        self.deflate.is_some_and(|a| a.client_context_takeover())
+    }
+
+    /// The first frame of a compressed message (RFC 7692 §6.2): a whole message is inflated
+    /// into the worker's buffer and delivered; the start of a fragmented one into its own
+    /// reassembly buffer. Either way the inflated size is bounded by `--max-message-size`
+    /// while inflating (a zip bomb stops at the bound, with 1009), and text is checked as
+    /// UTF-8 after inflating.
+    fn inflate_first<H: Host>(
+        &self,
+        kind: Kind,
+        fin: bool,
+        payload: &[u8],
+        ib: &mut Option<Box<Inbound>>,
+        lim: &Limits,
+        host: &mut H,
+    ) -> Result<(), Failure> {
+        let takeover = self.client_takeover();
+        let max = lim.max_message;
+        // Taken out of the inbound state (if there is one: only with context takeover), so
+        // a one-frame message allocates no inbound state at all.
+        let mut state = ib
+            .as_mut()
+            .map(|ib| std::mem::take(&mut ib.inflate))
+            .unwrap_or_default();
+        let result = if fin {
+            let mut out = host.inflating().take_buffer();
+            let done = inflate(&mut state, host, payload, true, takeover, &mut out, max);
+            let result = match done {
+                Err(e) => Err(Failure::inflate(e, host)),
+                Ok(()) if kind == Kind::Text && simdutf8::basic::from_utf8(&out).is_err() => {
+                    Err(invalid_utf8().into())
+                }
+                Ok(()) => {
+                    host.inflated(out.len());
+                    host.message(kind, &out);
+                    Ok(())
+                }
+            };
+            host.inflating().put_buffer(out);
+            result
+        } else {
+            let mut f = Fragments {
+                kind,
+                data: Vec::new(),
+                utf8: Utf8Stream::default(),
+                compressed: true,
+            };
+            let done = inflate(&mut state, host, payload, false, takeover, &mut f.data, max);
+            match done {
+                Err(e) => Err(Failure::inflate(e, host)),
+                Ok(()) if kind == Kind::Text && !f.utf8.feed(&f.data) => Err(invalid_utf8().into()),
+                Ok(()) => {
+                    ib.get_or_insert_with(Box::default).fragments = Some(f);
+                    Ok(())
+                }
+            }
+        };
+        if state.heap_bytes() > 0 {
+            ib.get_or_insert_with(Box::default).inflate = state;
+        }
+        result
+    }
+
+    /// A continuation of a compressed message: inflated onto what came before.
+    fn inflate_more<H: Host>(
+        &self,
+        fin: bool,
+        payload: &[u8],
+        ib: &mut Inbound,
+        lim: &Limits,
+        host: &mut H,
+    ) -> Result<(), Failure> {
+        let takeover = self.client_takeover();
+        let Inbound {
+            fragments,
+            inflate: state,
+            ..
+        } = ib;
+        let f = fragments
+            .as_mut()
+            .expect("a compressed message in progress");
+        let before = f.data.len();
+        let max = lim.max_message;
+        if let Err(e) = inflate(state, host, payload, fin, takeover, &mut f.data, max) {
+            return Err(Failure::inflate(e, host));
+        }
+        if f.kind == Kind::Text && !f.utf8.feed(&f.data[before..]) {
+            return Err(invalid_utf8().into());
+        }
+        if fin {
+            let f = fragments.take().expect("present");
+            if f.kind == Kind::Text && !f.utf8.is_complete() {
+                return Err(invalid_utf8().into());
+            }
+            host.inflated(f.data.len());
+            host.message(f.kind, &f.data);
+        }
+        Ok(())
+    }
+
     /// The client broke the protocol: one close frame with the code, then nothing is read.
     fn fail<H: Host>(&mut self, v: Violation, now: u32, host: &mut H) {
+        self.fail_with(v.into(), now, host);
+    }
+
+    fn fail_with<H: Host>(&mut self, f: Failure, now: u32, host: &mut H) {
         if self.phase == Phase::Open {
             host.before_close();
-            host.ended(match v.code {
-                codec::CLOSE_INVALID_DATA => Disconnect::InvalidUtf8,
-                codec::CLOSE_TOO_BIG => Disconnect::MessageTooBig,
-                _ => Disconnect::ProtocolError,
-            });
-            host.send(codec::encode_close(v.code, v.reason));
+            host.ended(f.why);
+            host.send(codec::encode_close(f.v.code, f.v.reason));
         }
         // From Closing our close frame is already out; from either, input is over.
         self.enter(Phase::Lingering, now);
     }
+}
+
+/// Inflates one frame's payload of a compressed message into `out` (at most `max` bytes), and
+/// ends the message if `last`. The inflater comes from the worker's pool and goes back at the
+/// end of the message (or on an error), unless the client keeps context takeover.
+fn inflate<H: Host>(
+    state: &mut MessageInflate,
+    host: &mut H,
+    payload: &[u8],
+    last: bool,
+    takeover: bool,
+    out: &mut Vec<u8>,
+    max: usize,
+) -> Result<(), deflate::InflateError> {
+    let pool = &mut host.inflating().pool;
+    state.feed(pool, payload, out, max)?;
+    if last {
+        state.finish(pool, takeover, out, max)?;
+    }
+    Ok(())
 }
 
 /// Where the request head ends (just past its blank line), searching from `from` (the bytes

@@ -1,7 +1,10 @@
 //! The session without sockets: every path by hand (here), then random frame sequences cut at
 //! random byte positions against a reference interpreter (`tests/property.rs`).
 
+mod deflate;
 mod property;
+
+mod policy;
 
 use super::parse::head_end;
 use super::*;
@@ -16,8 +19,10 @@ fn limits() -> Limits {
         ping: 300,
         idle: 750,
         close: 20,
+        message_rate: None,
         drain_until: None,
         proxy: false,
+        deflate: DeflateConfig::default(),
     }
 }
 
@@ -35,11 +40,18 @@ enum Ev {
     Status(u16),
 }
 
+/// The events, and the worker's side of inflating (pool and buffer; failures counted).
 #[derive(Default)]
-struct Rec(Vec<Ev>);
+struct Rec(Vec<Ev>, Inflating, Vec<InflateError>);
 
 impl Host for Rec {
-    fn upgraded(&mut self, route: Route<'_>) {
+    fn inflating(&mut self) -> &mut Inflating {
+        &mut self.1
+    }
+    fn inflate_failed(&mut self, why: InflateError) {
+        self.2.push(why);
+    }
+    fn upgraded(&mut self, route: Route<'_>, _deflate: Option<Agreement>) {
         self.0.push(Ev::Upgraded(match route {
             Route::Echo => "echo".into(),
             Route::Room(r) => r.into(),

@@ -24,11 +24,11 @@ impl Worker {
         }
         for _ in 0..ACCEPTS_PER_TURN {
             match self.listeners[i].accept() {
-                Ok((stream, _)) => {
+                Ok((stream, addr)) => {
                     if std::mem::take(&mut self.accept_starved) {
                         log::info!("worker {}: accepting again", self.id);
                     }
-                    self.admit(stream, i)
+                    self.admit(stream, addr, i)
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -86,7 +86,7 @@ impl Worker {
         }
     }
 
-    fn admit(&mut self, stream: mio::net::TcpStream, listener: usize) {
+    fn admit(&mut self, stream: mio::net::TcpStream, addr: std::net::SocketAddr, listener: usize) {
         WorkerStats::add(&self.stats().accepted, 1);
         let held = self.shared.sockets.fetch_add(1, Ordering::Relaxed);
         let max = self.shared.max_connections;
@@ -137,6 +137,9 @@ impl Worker {
             c.session.refuse(self.now);
             c.outbox.push(handshake::over_capacity());
             self.mark_dirty(key);
+        } else if !self.config().proxy_protocol {
+            // Behind a proxy the client's address comes with its PROXY header (read.rs).
+            self.guard_accepted(key, addr.ip());
         }
         self.reschedule(key);
     }

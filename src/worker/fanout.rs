@@ -64,12 +64,7 @@ impl Worker {
         if !local.members.is_empty() {
             self.births.push(born);
         }
-        // Index loop: enqueue never changes membership (nothing is dropped while fanning
-        // out; a slow consumer only changes phase), so the member list is stable here.
-        for i in 0..self.rooms.get(room).members.len() {
-            let member = self.rooms.get(room).members[i];
-            self.enqueue(member, chunk.clone());
-        }
+        self.deliver_local(room, &chunk);
         let (mut ring, mut overflow) = (0u64, 0u64);
         let bus = &mut self.bus;
         shared.for_each_other_worker(self.id, |w| {
@@ -106,10 +101,36 @@ impl Worker {
                 bytes: d.frames,
                 messages: d.messages,
             };
-            for i in 0..self.rooms.get(room).members.len() {
-                let member = self.rooms.get(room).members[i];
-                self.enqueue(member, chunk.clone());
-            }
+            self.deliver_local(room, &chunk);
+        }
+    }
+
+    /// Queues a room's chunk for every local member: the plain frames for members without
+    /// permessage-deflate, and for the others the chunk compressed once per window size
+    /// present among them (in practice once: browsers never ask for a smaller window), made
+    /// on first need and shared like the plain one. Chunks from other workers arrive plain
+    /// and are compressed here, so a room spread over workers is compressed once per worker.
+    fn deliver_local(&mut self, room: u32, chunk: &Chunk) {
+        // By window bits - 9.
+        let mut compressed: [Option<Chunk>; 7] = Default::default();
+        // Index loop: enqueue never changes membership (nothing is dropped while fanning
+        // out; a slow consumer only changes phase), so the member list is stable here.
+        for i in 0..self.rooms.get(room).members.len() {
+            let member = self.rooms.get(room).members[i];
+            let variant = match self.conns[member as usize].session.deflate() {
+                None => chunk.clone(),
+                Some(a) => {
+                    let bits = a.compress_window_bits();
+                    let (compressor, tally) = (&mut self.compressor, &mut self.tally.deflate);
+                    compressed[usize::from(bits.saturating_sub(9)).min(6)]
+                        .get_or_insert_with(|| Chunk {
+                            bytes: compressor.compress_frames(&chunk.bytes, bits, tally),
+                            messages: chunk.messages,
+                        })
+                        .clone()
+                }
+            };
+            self.enqueue(member, variant);
         }
     }
 

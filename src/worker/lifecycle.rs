@@ -109,11 +109,15 @@ impl Worker {
             return;
         };
         self.proxied.remove(&key);
+        if conn.session.holds_inflater() {
+            self.stats().inflaters_held.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Some(m) = conn.membership() {
             if let Some((moved, position)) = self.rooms.leave(&self.shared.rooms, self.id, m) {
                 self.conns[moved as usize].set_room_position(position);
             }
         }
+        self.release_ip(key);
         self.shared.sockets.fetch_sub(1, Ordering::Relaxed);
         self.stats().connections.fetch_sub(1, Ordering::Relaxed);
         drop(conn); // closing the fd removes it from epoll

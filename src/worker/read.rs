@@ -3,6 +3,7 @@
 //! worker's side of the [`Host`] contract.
 
 use std::io::{self, Read};
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 
@@ -13,9 +14,11 @@ use super::{Worker, NOBODY, READS_PER_TURN};
 const HOLD: usize = 4096;
 use crate::codec::{Kind, OutKind};
 use crate::connection::{ready, Connection};
+use crate::deflate::{Agreement, InflateError};
 use crate::handshake::{self, Page, Rejection, Route};
 use crate::metrics::{Disconnect, WorkerStats};
-use crate::session::{Due, Host, Session};
+use crate::outbox::Chunk;
+use crate::session::{Due, Host, Inflating, Session};
 
 impl Worker {
     /// Reads a ready connection until the socket is drained, the read budget is spent, its
@@ -181,10 +184,17 @@ impl Worker {
         let stand_in = slot.stand_in();
         let mut session = std::mem::replace(slot, stand_in);
         let phase = session.phase();
+        let held = session.holds_inflater();
         self.feeding = key;
         let r = f(&mut session, &mut Dispatch { w: self, key });
         self.feeding = NOBODY;
         let moved_on = session.phase() != phase;
+        if session.holds_inflater() != held {
+            let delta = if held { -1 } else { 1 };
+            self.stats()
+                .inflaters_held
+                .fetch_add(delta, Ordering::Relaxed);
+        }
         self.conns[key as usize].session = session;
         self.flush_echoes(key);
         self.judge_backpressure(key);
@@ -198,9 +208,21 @@ impl Worker {
     }
 
     /// Queues the echoes gathered from one read as one chunk: one allocation per read, not
-    /// per message. The builder is taken whole, so no buffer stays pinned behind it.
+    /// per message. The builder is taken whole, so no buffer stays pinned behind it. With
+    /// permessage-deflate they are compressed with the worker's compressor.
     pub(super) fn flush_echoes(&mut self, key: u32) {
         if let Some(chunk) = self.echoes.take() {
+            let chunk = match self.conns[key as usize].session.deflate() {
+                Some(a) => Chunk {
+                    bytes: self.compressor.compress_frames(
+                        &chunk.bytes,
+                        a.compress_window_bits(),
+                        &mut self.tally.deflate,
+                    ),
+                    messages: chunk.messages,
+                },
+                None => chunk,
+            };
             self.enqueue(key, chunk);
         }
     }
@@ -226,9 +248,15 @@ pub(super) struct Dispatch<'w> {
 }
 
 impl Host for Dispatch<'_> {
-    fn upgraded(&mut self, route: Route<'_>) {
+    fn upgraded(&mut self, route: Route<'_>, deflate: Option<Agreement>) {
         let w = &mut *self.w;
         WorkerStats::add(&w.stats().handshakes, 1);
+        if deflate.is_some() {
+            WorkerStats::add(&w.stats().deflate_negotiated, 1);
+            // The stand-in in the slot learns it too: what this connection is sent before the
+            // read ends (its own room message, an echo) is compressed like the rest.
+            w.conns[self.key as usize].session.set_deflate(deflate);
+        }
         if let Route::Room(name) = route {
             #[cfg(debug_assertions)]
             fault_injection(name);
@@ -293,10 +321,40 @@ impl Host for Dispatch<'_> {
         WorkerStats::add(&self.w.stats().pings_sent, 1);
     }
 
-    fn peer(&mut self, addr: Option<std::net::SocketAddr>) {
+    fn inflating(&mut self) -> &mut Inflating {
+        &mut self.w.inflating
+    }
+
+    fn inflated(&mut self, bytes: usize) {
+        self.w.tally.inflated += 1;
+        self.w.tally.inflated_bytes += bytes as u64;
+    }
+
+    fn inflate_failed(&mut self, why: InflateError) {
+        let i = match why {
+            InflateError::TooBig => 0,
+            InflateError::Corrupt => 1,
+        };
+        WorkerStats::add(&self.w.stats().inflate_failures[i], 1);
+    }
+
+    fn peer(&mut self, addr: Option<std::net::SocketAddr>) -> Result<(), Rejection> {
         if let Some(a) = addr {
             self.w.proxied.insert(self.key, a);
         }
+        // The per-address limits count the client (a LOCAL header: the proxy itself).
+        match self.w.client_addr(self.key) {
+            Some(a) => self.w.guard_ip(self.key, a.ip()),
+            None => Ok(()),
+        }
+    }
+
+    fn admit(
+        &mut self,
+        head: &[u8],
+        target: crate::access::Target<'_>,
+    ) -> Result<crate::session::Admission, Rejection> {
+        self.w.admit_request(head, target)
     }
 
     fn page(&mut self, page: Page<'_>) -> Result<Bytes, Rejection> {

@@ -94,10 +94,12 @@ async function main() {
   );
   log(`chromium ${browser.version()}`);
 
-  // Two separate contexts: two users, nothing shared (storage, connections).
+  // Two separate contexts: two users, nothing shared (storage, connections). The texts are
+  // long and repetitive (as chat often is) so megasock compresses them on their way out:
+  // tests/browser.rs checks on /metrics that permessage-deflate carried them both ways.
   const users = [
-    { name: "alice", text: `hello from alice ${room}` },
-    { name: "bob", text: `hi alice, bob here ${room}` },
+    { name: "alice", text: `hello from alice ${room}: ${"la ".repeat(40)}la` },
+    { name: "bob", text: `hi alice, bob here ${room}: ${"na ".repeat(40)}na` },
   ];
   for (const u of users) {
     const ctx = await browser.newContext({ viewport: { width: 820, height: 560 } });

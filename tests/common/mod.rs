@@ -299,6 +299,51 @@ impl Client {
 
     /// The first complete frame in the buffer, if any (removed from it).
     fn parse_buffered(&mut self) -> Option<Frame> {
+        self.parse_buffered_rsv1(false).map(|(_, f)| f)
+    }
+
+    /// Upgrades with extra request header lines (e.g. `Sec-WebSocket-Extensions: ...`);
+    /// returns the client and the response head, or the head if it is not a 101.
+    pub fn connect_with(
+        addr: SocketAddr,
+        path: &str,
+        extra_headers: &str,
+    ) -> Result<(Client, String), String> {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut c = Client { s, buf: Vec::new() };
+        let request = upgrade_request(path).replace(
+            "\r\n\r\n",
+            &format!("\r\n{}\r\n\r\n", extra_headers.trim_end()),
+        );
+        c.s.write_all(request.as_bytes()).unwrap();
+        let head = c.read_head();
+        if head.starts_with("HTTP/1.1 101 ") {
+            Ok((c, head))
+        } else {
+            Err(head)
+        }
+    }
+
+    /// Reads one frame that may have RSV1 set (permessage-deflate): (RSV1, frame).
+    pub fn recv_rsv1(&mut self) -> (bool, Frame) {
+        loop {
+            if let Some(f) = self.parse_buffered_rsv1(true) {
+                return f;
+            }
+            let mut tmp = vec![0u8; 64 * 1024];
+            match self.s.read(&mut tmp) {
+                Ok(0) => panic!("expected a frame, got EOF"),
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => panic!("expected a frame, got {e}"),
+            }
+        }
+    }
+
+    /// Like [`Client::parse_buffered`]; RSV1 is accepted (and returned) if `rsv1_ok`.
+    fn parse_buffered_rsv1(&mut self, rsv1_ok: bool) -> Option<(bool, Frame)> {
         if self.buf.len() < 2 {
             return None;
         }
@@ -321,12 +366,16 @@ impl Client {
         }
         let payload = self.buf[hl..hl + len].to_vec();
         self.buf.drain(..hl + len);
-        assert_eq!(b0 & 0x70, 0, "server set reserved bits");
-        Some(Frame {
-            fin: b0 & 0x80 != 0,
-            opcode: b0 & 0x0f,
-            payload,
-        })
+        let reserved = if rsv1_ok { 0x30 } else { 0x70 };
+        assert_eq!(b0 & reserved, 0, "server set reserved bits");
+        Some((
+            b0 & 0x40 != 0,
+            Frame {
+                fin: b0 & 0x80 != 0,
+                opcode: b0 & 0x0f,
+                payload,
+            },
+        ))
     }
 
     pub fn set_timeout(&self, d: Duration) {

@@ -1,10 +1,19 @@
 //! Random frame sequences cut at random byte positions, against a reference interpreter that
 //! reads the RFC's rules off whole frames.
 //!
+//! Half the cases negotiate permessage-deflate and then also send compressed messages (whole
+//! or fragmented, valid, corrupt, bombs, RSV1 where it is not allowed). The reference inflates
+//! with the same `Inflater` (the codec is checked against independent decoders in
+//! `deflate/codec.rs`); what is checked here is the session's framing around it: which frame
+//! carries RSV1, budgets, where a message fails, and that any split of the reads gives the
+//! same events.
+//!
 //! `MEGASOCK_PROPERTY_CASES` sets the number of random cases (default 20,000; CI runs
 //! 1,000,000 in release mode: `scripts/test.sh`).
 
 use super::*;
+use crate::deflate::reference::zip_bomb;
+use crate::deflate::{compressed_bound, Compressor, Inflater};
 
 fn xorshift(state: &mut u64) -> u64 {
     *state ^= *state << 13;
@@ -84,6 +93,35 @@ fn binary_payload(rng: &mut Rng) -> Vec<u8> {
     (0..len).map(|i| i as u8).collect()
 }
 
+/// A permessage-deflate message: usually valid, sometimes corrupt, a bomb, or with RSV1 on
+/// a continuation too; split into 1-3 fragments like any message.
+fn compressed_message(rng: &mut Rng, comp: &mut Compressor, out: &mut Vec<Gen>) {
+    let text = rng.chance(50);
+    let plain = if text {
+        text_payload(rng)
+    } else {
+        binary_payload(rng)
+    };
+    let mut payload = match rng.below(20) {
+        0 => zip_bomb(4 + rng.below(8)), // 1,033 to 3,097 bytes inflated: over MAX mostly
+        1 => (0..1 + rng.below(30))
+            .map(|_| rng.below(256) as u8)
+            .collect(),
+        _ => {
+            let mut v = Vec::new();
+            comp.compress(&plain, 9 + rng.below(7) as u8, &mut v)
+                .unwrap();
+            v
+        }
+    };
+    if rng.chance(5) && !payload.is_empty() {
+        let i = rng.below(payload.len());
+        payload[i] ^= 1 << rng.below(8); // one flipped bit
+    }
+    let rsv1_again = rng.chance(5);
+    split(rng, text, &payload, true, rsv1_again, out);
+}
+
 /// A message split into 1-3 fragments (cut anywhere, also inside a character).
 fn message(rng: &mut Rng, out: &mut Vec<Gen>) {
     let text = rng.chance(50);
@@ -92,6 +130,19 @@ fn message(rng: &mut Rng, out: &mut Vec<Gen>) {
     } else {
         binary_payload(rng)
     };
+    split(rng, text, &payload, false, false, out);
+}
+
+/// Cuts a message's payload into 1-3 frames (RSV1 on the first if `compressed`, and on the
+/// others too if `rsv1_everywhere`), with a ping between them now and then.
+fn split(
+    rng: &mut Rng,
+    text: bool,
+    payload: &[u8],
+    compressed: bool,
+    rsv1_everywhere: bool,
+    out: &mut Vec<Gen>,
+) {
     let pieces = 1 + rng.below(3);
     let mut cuts: Vec<usize> = (1..pieces).map(|_| rng.below(payload.len() + 1)).collect();
     cuts.sort();
@@ -107,11 +158,11 @@ fn message(rng: &mut Rng, out: &mut Vec<Gen>) {
         } else {
             0
         };
-        out.push(Gen::data(
-            opcode,
-            i + 1 == cuts.len(),
-            payload[start..end].to_vec(),
-        ));
+        let mut g = Gen::data(opcode, i + 1 == cuts.len(), payload[start..end].to_vec());
+        if compressed && (i == 0 || rsv1_everywhere) {
+            g.rsv = 4; // RSV1
+        }
+        out.push(g);
         start = end;
         if rng.chance(15) {
             out.push(Gen::data(0x9, true, b"mid".to_vec())); // a ping between fragments
@@ -157,10 +208,11 @@ fn wild(rng: &mut Rng) -> Gen {
     }
 }
 
-fn frames(rng: &mut Rng) -> Vec<Gen> {
+fn frames(rng: &mut Rng, deflate: bool, comp: &mut Compressor) -> Vec<Gen> {
     let mut out = Vec::new();
     for _ in 0..1 + rng.below(6) {
         match rng.below(10) {
+            0..=5 if deflate && rng.chance(50) => compressed_message(rng, comp, &mut out),
             0..=5 => message(rng, &mut out),
             6..=8 => out.push(control(rng)),
             _ => out.push(wild(rng)),
@@ -169,31 +221,48 @@ fn frames(rng: &mut Rng) -> Vec<Gen> {
     out
 }
 
-/// RFC 6455 read off whole frames, in the simplest possible way: what the session must do.
-fn reference(frames: &[Gen]) -> Vec<Ev> {
+/// A message being reassembled by the reference: its opcode, its (inflated) bytes, and its
+/// inflater if it is compressed.
+type Partial = (u8, Vec<u8>, Option<Inflater>);
+
+/// RFC 6455 (and RFC 7692 if `deflate` was negotiated) read off whole frames, in the
+/// simplest possible way: what the session must do.
+fn reference(frames: &[Gen], deflate: bool) -> Vec<Ev> {
     let mut ev = vec![
         Ev::Status(101),
         Ev::Upgraded("lobby".into()),
         Ev::Http(Vec::new()), // compared by kind only
     ];
-    let fail = |ev: &mut Vec<Ev>, code: u16| {
+    let fail = |ev: &mut Vec<Ev>, code: u16, why: Disconnect| {
         ev.push(Ev::BeforeClose);
-        ev.push(Ev::Ended(match code {
-            1007 => Disconnect::InvalidUtf8,
-            1009 => Disconnect::MessageTooBig,
-            _ => Disconnect::ProtocolError,
-        }));
+        ev.push(Ev::Ended(why));
         ev.push(Ev::Close(Some(code)));
     };
-    let mut fragments: Option<(u8, Vec<u8>)> = None;
+    let why = |code: u16| match code {
+        1007 => Disconnect::InvalidUtf8,
+        1009 => Disconnect::MessageTooBig,
+        _ => Disconnect::ProtocolError,
+    };
+    let mut fragments: Option<Partial> = None;
     for f in frames {
         let control = f.opcode >= 8;
         let len = f.payload.len();
-        let in_progress = fragments.as_ref().map_or(0, |(_, d)| d.len());
-        let bad_header = f.rsv != 0 || !f.masked || ![0, 1, 2, 8, 9, 10].contains(&f.opcode);
+        let in_progress = fragments.as_ref().map_or(0, |(_, d, _)| d.len());
+        // RSV1 marks a compressed message's first frame, and only that (RFC 7692 §6).
+        let compressed_first = deflate && f.rsv == 4 && (f.opcode == 1 || f.opcode == 2);
+        let compressed_more =
+            f.opcode == 0 && fragments.as_ref().is_some_and(|(_, _, inf)| inf.is_some());
+        let budget = if compressed_first || compressed_more {
+            compressed_bound(MAX - in_progress)
+        } else {
+            MAX - in_progress
+        };
+        let bad_header = (f.rsv != 0 && !compressed_first)
+            || !f.masked
+            || ![0, 1, 2, 8, 9, 10].contains(&f.opcode);
         let verdict = if bad_header || (control && (!f.fin || len > 125)) {
             Some(1002)
-        } else if !control && len > MAX - in_progress {
+        } else if !control && len > budget {
             Some(1009)
         } else if (f.opcode == 0 && fragments.is_none())
             || ((f.opcode == 1 || f.opcode == 2) && fragments.is_some())
@@ -203,7 +272,7 @@ fn reference(frames: &[Gen]) -> Vec<Ev> {
             None
         };
         if let Some(code) = verdict {
-            fail(&mut ev, code);
+            fail(&mut ev, code, why(code));
             return ev;
         }
         match f.opcode {
@@ -213,9 +282,9 @@ fn reference(frames: &[Gen]) -> Vec<Ev> {
                 let p = &f.payload;
                 let code = (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
                 if p.len() == 1 || code.is_some_and(|c| !codec::close_code_allowed(c)) {
-                    fail(&mut ev, 1002);
+                    fail(&mut ev, 1002, why(1002));
                 } else if p.len() > 2 && std::str::from_utf8(&p[2..]).is_err() {
-                    fail(&mut ev, 1007);
+                    fail(&mut ev, 1007, why(1007));
                 } else {
                     ev.push(Ev::BeforeClose);
                     ev.push(Ev::Ended(Disconnect::ClientClose));
@@ -224,11 +293,31 @@ fn reference(frames: &[Gen]) -> Vec<Ev> {
                 return ev;
             }
             op => {
-                let (kind, mut data) = match fragments.take() {
+                let (kind, mut data, mut inflater) = match fragments.take() {
                     Some(prior) => prior,
-                    None => (op, Vec::new()),
+                    None => (op, Vec::new(), compressed_first.then(Inflater::new)),
                 };
-                data.extend_from_slice(&f.payload);
+                match inflater.as_mut() {
+                    // The inflated size is bounded; corrupt data is 1007 of its own kind.
+                    Some(inf) => {
+                        let r = inf.feed(&f.payload, &mut data, MAX).and_then(|()| {
+                            if f.fin {
+                                inf.finish(&mut data, MAX)
+                            } else {
+                                Ok(())
+                            }
+                        });
+                        if let Err(e) = r {
+                            let why = match e {
+                                InflateError::TooBig => Disconnect::MessageTooBig,
+                                InflateError::Corrupt => Disconnect::InvalidCompressed,
+                            };
+                            fail(&mut ev, e.close_code(), why);
+                            return ev;
+                        }
+                    }
+                    None => data.extend_from_slice(&f.payload),
+                }
                 // Text fails at the first byte that cannot start valid UTF-8, whole or not.
                 if kind == 1 {
                     let bad = match std::str::from_utf8(&data) {
@@ -236,7 +325,7 @@ fn reference(frames: &[Gen]) -> Vec<Ev> {
                         Err(e) => e.error_len().is_some() || f.fin,
                     };
                     if bad {
-                        fail(&mut ev, 1007);
+                        fail(&mut ev, 1007, why(1007));
                         return ev;
                     }
                 }
@@ -244,7 +333,7 @@ fn reference(frames: &[Gen]) -> Vec<Ev> {
                     let k = if kind == 1 { Kind::Text } else { Kind::Binary };
                     ev.push(Ev::Message(k, data));
                 } else {
-                    fragments = Some((kind, data));
+                    fragments = Some((kind, data, inflater));
                 }
             }
         }
@@ -275,17 +364,29 @@ fn random_frames_and_splits_match_the_reference() {
         .unwrap_or(20_000);
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     let lim = limits();
+    let mut comp = Compressor::new(6);
+    let offer = {
+        let head = std::str::from_utf8(REQUEST).unwrap();
+        head.replace(
+            "\r\n\r\n",
+            "\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+        )
+    };
+    // Compressed messages delivered, and inflate failures seen, over all cases.
+    let (mut rsv1_frames, mut failures) = (0u64, std::collections::BTreeMap::new());
     let mut stream = Vec::new();
     // How each case ended, so the generator is seen to reach every outcome.
     let mut outcomes = std::collections::BTreeMap::<String, u64>::new();
     for case in 0..cases {
-        let gens = frames(&mut rng);
+        let deflate = rng.chance(50);
+        let request = if deflate { offer.as_bytes() } else { REQUEST };
+        let gens = frames(&mut rng, deflate, &mut comp);
         stream.clear();
-        stream.extend_from_slice(REQUEST);
+        stream.extend_from_slice(request);
         for g in &gens {
             stream.extend(g.bytes(&mut rng));
         }
-        let expected = reference(&gens);
+        let expected = reference(&gens, deflate);
 
         let mut s = Session::new(0);
         let mut rec = Rec::default();
@@ -293,7 +394,7 @@ fn random_frames_and_splits_match_the_reference() {
         // One case in four is paused (its room's ring full) for a while after the upgrade:
         // its reads go to `receive_held` until a random point.
         let paused_until = if rng.chance(25) {
-            REQUEST.len() + rng.below(stream.len() - REQUEST.len() + 1)
+            request.len() + rng.below(stream.len() - request.len() + 1)
         } else {
             0
         };
@@ -307,7 +408,7 @@ fn random_frames_and_splits_match_the_reference() {
             }
             .min(stream.len() - at);
             let mut read = stream[at..at + n].to_vec();
-            if at >= REQUEST.len() && at < paused_until && s.phase() == Phase::Open {
+            if at >= request.len() && at < paused_until && s.phase() == Phase::Open {
                 paused = true;
                 s.receive_held(&read, &lim, 1, &mut rec);
             } else {
@@ -325,6 +426,12 @@ fn random_frames_and_splits_match_the_reference() {
         }
         if paused {
             s.receive(&mut [], &lim, 1, &mut rec);
+        }
+        for e in &rec.2 {
+            *failures.entry(format!("{e:?}")).or_insert(0u64) += 1;
+        }
+        if deflate {
+            rsv1_frames += gens.iter().filter(|g| g.rsv == 4).count() as u64;
         }
         let got = normalized(rec.0);
         if paused_until == 0 {
@@ -360,8 +467,10 @@ fn random_frames_and_splits_match_the_reference() {
             );
         }
     }
-    eprintln!("{cases} cases: {outcomes:?}");
+    eprintln!("{cases} cases: {outcomes:?}; RSV1 frames sent with deflate {rsv1_frames}, inflate failures {failures:?}");
     if cases >= 10_000 {
+        assert!(failures.contains_key("TooBig") && failures.contains_key("Corrupt"));
+        assert!(rsv1_frames > cases / 10);
         for needed in [
             "close Some(1002)",
             "close Some(1007)",
